@@ -1,0 +1,47 @@
+# Two commands, on a fresh Debian 12 machine as root:
+#   make demo   set up, then run the main job for about a minute
+#   make test   set up, then run the whole test suite
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+APT_PKGS := build-essential liburing-dev python3-venv python3-dev redis-server redis-tools
+STAMP   := build/.stamp
+
+.PHONY: all setup native demo test lint clean
+
+all: setup
+
+# apt packages: installed only when one is missing, so a set-up machine
+# does not touch the network again
+build/.apt:
+	@mkdir -p build
+	@missing=$$(for p in $(APT_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml build/.apt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+native: $(VENV)/.installed
+	$(MAKE) -s -C native
+	$(PY) native/cffi/build.py >/dev/null
+
+setup: native
+
+demo: setup
+	$(PY) -m uffdsrv.demo
+
+test: setup
+	$(PY) -m pytest -q -rs tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf build $(VENV) uffdsrv/_bin uffdsrv/_native*.so

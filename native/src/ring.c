@@ -1,0 +1,194 @@
+/* io_uring through liburing: one ring per server, completions announced on
+ * an eventfd that the asyncio loop watches. Prep functions flush the
+ * submission queue themselves when it is full, so callers never see EBUSY
+ * for a full SQ; they call ufs_ring_submit once per batch. */
+#define _GNU_SOURCE
+#include "native.h"
+#include <errno.h>
+#include <liburing.h>
+#include <stdlib.h>
+#include <sys/uio.h>
+
+#define MAX_VECS 1024
+
+struct ufs_ring {
+    struct io_uring ring;
+    void *fixed_base;
+    size_t fixed_len;
+    /* iovec arrays must stay valid until the kernel has consumed the SQE:
+     * with liburing 2.3 that is at submit time, so one array per pending
+     * vectored op in the current submission batch is enough. */
+    struct iovec *vecs;
+    unsigned vecs_used, vecs_cap;
+};
+
+struct ufs_ring *ufs_ring_new(unsigned entries, int eventfd, int *err) {
+    struct ufs_ring *r = calloc(1, sizeof *r);
+    if (!r) {
+        *err = -ENOMEM;
+        return NULL;
+    }
+    r->vecs_cap = 16 * MAX_VECS;
+    r->vecs = calloc(r->vecs_cap, sizeof *r->vecs);
+    int e = r->vecs ? io_uring_queue_init(entries, &r->ring, 0) : -ENOMEM;
+    if (!e && eventfd >= 0) {
+        e = io_uring_register_eventfd(&r->ring, eventfd);
+        if (e) io_uring_queue_exit(&r->ring);
+    }
+    if (e) {
+        free(r->vecs);
+        free(r);
+        *err = e;
+        return NULL;
+    }
+    *err = 0;
+    return r;
+}
+
+void ufs_ring_free(struct ufs_ring *r) {
+    if (!r) return;
+    io_uring_queue_exit(&r->ring);
+    free(r->vecs);
+    free(r);
+}
+
+int ufs_ring_register_buffer(struct ufs_ring *r, void *base, size_t len) {
+    struct iovec v = {base, len};
+    int e = io_uring_register_buffers(&r->ring, &v, 1);
+    if (!e) {
+        r->fixed_base = base;
+        r->fixed_len = len;
+    }
+    return e;
+}
+
+int ufs_ring_cancel(struct ufs_ring *r, uint64_t target, uint64_t user_data) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    if (!sqe) {
+        io_uring_submit(&r->ring);
+        sqe = io_uring_get_sqe(&r->ring);
+    }
+    if (!sqe) return -EBUSY;
+    io_uring_prep_cancel64(sqe, target, 0);
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+
+int ufs_ring_submit(struct ufs_ring *r) {
+    int n = io_uring_submit(&r->ring);
+    r->vecs_used = 0;
+    return n;
+}
+
+static struct io_uring_sqe *get_sqe(struct ufs_ring *r) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    if (!sqe) {
+        /* not ufs_ring_submit: iovecs taken for the op being prepared
+         * must survive until their own SQE is submitted */
+        io_uring_submit(&r->ring);
+        sqe = io_uring_get_sqe(&r->ring);
+    }
+    return sqe;
+}
+
+int ufs_ring_pending(struct ufs_ring *r) { return io_uring_sq_ready(&r->ring); }
+
+int ufs_ring_read(struct ufs_ring *r, int fd, void *buf, unsigned len, uint64_t off,
+                  uint64_t user_data) {
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_read(sqe, fd, buf, len, off);
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+
+int ufs_ring_write(struct ufs_ring *r, int fd, const void *buf, unsigned len, uint64_t off,
+                   uint64_t user_data) {
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_write(sqe, fd, buf, len, off);
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+
+static int in_fixed(struct ufs_ring *r, const void *buf, unsigned len) {
+    const char *b = buf, *base = r->fixed_base;
+    return base && b >= base && b + len <= base + r->fixed_len;
+}
+
+int ufs_ring_read_fixed(struct ufs_ring *r, int fd, void *buf, unsigned len, uint64_t off,
+                        uint64_t user_data) {
+    if (!in_fixed(r, buf, len)) return -EFAULT;
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_read_fixed(sqe, fd, buf, len, off, 0);
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+
+int ufs_ring_write_fixed(struct ufs_ring *r, int fd, const void *buf, unsigned len,
+                         uint64_t off, uint64_t user_data) {
+    if (!in_fixed(r, buf, len)) return -EFAULT;
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_write_fixed(sqe, fd, buf, len, off, 0);
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+
+static struct iovec *take_vecs(struct ufs_ring *r, const uint64_t *bufs, const uint64_t *lens,
+                               int n) {
+    if (n < 1 || n > MAX_VECS) return NULL;
+    if (r->vecs_used + n > r->vecs_cap) ufs_ring_submit(r);
+    struct iovec *v = r->vecs + r->vecs_used;
+    r->vecs_used += n;
+    for (int i = 0; i < n; i++) {
+        v[i].iov_base = (void *)(uintptr_t)bufs[i];
+        v[i].iov_len = lens[i];
+    }
+    return v;
+}
+
+int ufs_ring_readv(struct ufs_ring *r, int fd, const uint64_t *bufs, const uint64_t *lens,
+                   int n, uint64_t off, uint64_t user_data) {
+    struct iovec *v = take_vecs(r, bufs, lens, n);
+    if (!v) return -EINVAL;
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_readv(sqe, fd, v, n, off);
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+
+int ufs_ring_writev(struct ufs_ring *r, int fd, const uint64_t *bufs, const uint64_t *lens,
+                    int n, uint64_t off, uint64_t user_data) {
+    struct iovec *v = take_vecs(r, bufs, lens, n);
+    if (!v) return -EINVAL;
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_writev(sqe, fd, v, n, off);
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+
+int ufs_ring_harvest(struct ufs_ring *r, uint64_t *user_data, int32_t *res, int max) {
+    struct io_uring_cqe *cqes[256];
+    int got = 0;
+    while (got < max) {
+        unsigned want = max - got < 256 ? max - got : 256;
+        unsigned k = io_uring_peek_batch_cqe(&r->ring, cqes, want);
+        if (!k) break;
+        for (unsigned i = 0; i < k; i++) {
+            user_data[got + i] = cqes[i]->user_data;
+            res[got + i] = cqes[i]->res;
+        }
+        io_uring_cq_advance(&r->ring, k);
+        got += k;
+    }
+    return got;
+}
+
+int ufs_ring_wait(struct ufs_ring *r, unsigned nr) {
+    struct io_uring_cqe *cqe;
+    return io_uring_wait_cqe_nr(&r->ring, &cqe, nr);
+}

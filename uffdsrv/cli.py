@@ -1,0 +1,200 @@
+"""The uffdsrv command line.
+
+    uffdsrv serve   --socket PATH --swap PATH [--swap-size BYTES] [--metrics-addr HOST:PORT]
+    uffdsrv run     --socket PATH -- CMD [ARGS...]
+    uffdsrv status  --socket PATH [--json]
+    uffdsrv reclaim --socket PATH --pid PID [--keep-bytes N]
+
+A user's mistake gets one line on stderr and a non-zero exit, never a
+traceback.
+"""
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+
+from .core import protocol
+
+DEFAULT_SOCKET = "/run/uffdsrv/uffdsrv.sock"
+AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bin", "libuffdsrv_agent.so")
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = int(float(num) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"negative size: {text!r}")
+    return value
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return int(text)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="uffdsrv", description="a user-space memory manager over userfaultfd")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    s = sub.add_parser("serve", help="run the server")
+    s.add_argument("--socket", default=DEFAULT_SOCKET)
+    s.add_argument("--swap", required=True, help="swap file (created 0600) or block device")
+    s.add_argument("--swap-size", type=parse_size, default=1 << 30)
+    s.add_argument("--metrics-addr", type=parse_addr, default=None)
+    s.add_argument("--min-region", type=parse_size, default=256 << 10,
+                   help="smallest anonymous mapping managed automatically")
+    s.add_argument("--zap-mode", choices=("process_madvise", "madvise"),
+                   default="process_madvise",
+                   help="how agents zap: one vectored call per batch (default), or one "
+                        "madvise per range (for comparison)")
+    s.add_argument("--log-level", default="info",
+                   choices=("debug", "info", "warning", "error"))
+    r = sub.add_parser("run", help="run a command with the agent loaded")
+    r.add_argument("--socket", default=DEFAULT_SOCKET)
+    r.add_argument("command", nargs=argparse.REMAINDER)
+    st = sub.add_parser("status", help="what the server manages")
+    st.add_argument("--socket", default=DEFAULT_SOCKET)
+    st.add_argument("--json", action="store_true")
+    rc = sub.add_parser("reclaim", help="reclaim a client's memory now")
+    rc.add_argument("--socket", default=DEFAULT_SOCKET)
+    rc.add_argument("--pid", type=positive_int, required=True)
+    rc.add_argument("--keep-bytes", type=parse_size, default=0)
+    return p
+
+
+def request(path: str, req: dict, timeout: float | None = 600) -> dict:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise UsageError(f"no uffdsrv server is listening on {path}") from None
+    except PermissionError:
+        raise UsageError(f"permission denied on {path}") from None
+    try:
+        s.send(protocol.pack_ctl(protocol.CTL, 1, req))
+        data = s.recv(protocol.MAX_MSG)
+    except TimeoutError:
+        raise UsageError("the server did not answer in time") from None
+    except OSError as e:
+        raise UsageError(f"talking to the server on {path}: {e.strerror}") from None
+    finally:
+        s.close()
+    if not data:
+        raise UsageError("the server closed the connection")
+    mtype, _ = protocol.header(data)
+    if mtype == protocol.ERROR:
+        raise UsageError(f"server: {protocol.parse_error(data)[1]}")
+    reply = protocol.parse_ctl(data)
+    if "error" in reply:
+        raise UsageError(f"server: {reply['error']}")
+    return reply
+
+
+def cmd_serve(a) -> int:
+
+    import uvloop
+
+    from .server.daemon import Server
+    from .server.swap import SwapError
+    logging.basicConfig(level=a.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if os.geteuid() != 0:
+        logging.getLogger("uffdsrv").warning("not running as root: process_vm_readv and "
+                                             "pidfd_getfd need CAP_SYS_PTRACE")
+    try:
+        server = Server(a.socket, a.swap, a.swap_size, a.metrics_addr, a.min_region,
+                        a.zap_mode)
+    except SwapError as e:
+        raise UsageError(str(e)) from None
+
+    async def main():
+        try:
+            await server.run()
+        except RuntimeError as e:
+            raise UsageError(str(e)) from None
+        except OSError as e:
+            raise UsageError(f"cannot start: {e}") from None
+    uvloop.run(main())
+    return 0
+
+
+def cmd_run(a) -> int:
+    cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
+    if not cmd:
+        raise UsageError("uffdsrv run: no command given (uffdsrv run --socket PATH -- CMD ...)")
+    if not os.path.exists(AGENT):
+        raise UsageError(f"the agent library {AGENT} is not built (run make)")
+    env = dict(os.environ)
+    env["UFFDSRV_SOCKET"] = os.path.abspath(a.socket)
+    env["LD_PRELOAD"] = " ".join(filter(None, [AGENT, env.get("LD_PRELOAD")]))
+    try:
+        os.execvpe(cmd[0], cmd, env)
+    except FileNotFoundError:
+        print(f"uffdsrv run: {cmd[0]}: command not found", file=sys.stderr)
+        return 127
+    except PermissionError:
+        print(f"uffdsrv run: {cmd[0]}: permission denied", file=sys.stderr)
+        return 126
+
+
+def cmd_status(a) -> int:
+    reply = request(a.socket, {"cmd": "status"}, timeout=30)
+    if a.json:
+        print(json.dumps(reply))
+        return 0
+    mib = 1 << 20
+    heads = ("MANAGED", "RESIDENT", "SWAPPED", "FAULTS")
+    print(f"{'PID':>8} {'COMM':<16} " + " ".join(f"{h:>10}" for h in heads))
+    for c in reply["clients"]:
+        print(f"{c['pid']:>8} {c['comm'][:16]:<16} {c['managed_bytes'] / mib:>8.1f}Mi "
+              f"{c['resident_bytes'] / mib:>8.1f}Mi {c['swapped_bytes'] / mib:>8.1f}Mi "
+              f"{c['faults_total']:>10}")
+    s = reply["swap"]
+    print(f"swap {s['path']}: {s['used_bytes'] / mib:.1f} of {s['size_bytes'] / mib:.0f} MiB used")
+    return 0
+
+
+def cmd_reclaim(a) -> int:
+    reply = request(a.socket, {"cmd": "reclaim", "pid": a.pid, "keep_bytes": a.keep_bytes})
+    print(json.dumps({"reclaimed_bytes": reply["reclaimed_bytes"]}))
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        a = build_parser().parse_args(argv)
+        return {"serve": cmd_serve, "run": cmd_run, "status": cmd_status,
+                "reclaim": cmd_reclaim}[a.cmd](a)
+    except UsageError as e:
+        print(str(e) if str(e).startswith("uffdsrv") else f"uffdsrv: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

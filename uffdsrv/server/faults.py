@@ -1,0 +1,274 @@
+"""Where a fault is served.
+
+The ring keeps one read outstanding on every client's uffd; each
+completion is a batch of uffd_msgs. Events (REMOVE, UNMAP, REMAP, FORK) are
+applied to the page map first, then the faults of the batch are sorted
+into zero-page fills, swap-ins, write-protect releases, and faults held
+until a reclaim batch settles. The ioctls of a batch run in one C call.
+
+EAGAIN from UFFDIO_COPY/ZEROPAGE means an event is still unread: the fault
+goes on the client's retry list and is tried again on the next turn of the
+loop, after the ring has delivered the event. Never sleep on it.
+"""
+import errno
+import logging
+
+import numpy as np
+
+from .._native import ffi
+from ..core.batch import cancel_page
+from ..core.pages import EMPTY, INFLIGHT, LOADING, PAGE, RESIDENT, SWAPPED
+from ..system import proc, uffd
+from .managed import Client
+
+log = logging.getLogger("uffdsrv.faults")
+READ_MSGS = 64
+MAX_READAHEAD = 32
+PAGE_MASK = ~(PAGE - 1)
+
+
+class FaultPath:
+    def __init__(self, server):
+        self.server = server
+        self.ring = server.ring
+        self.swap = server.swap
+        self.metrics = server.metrics
+
+    # --- reading the uffd ----------------------------------------------------
+    def start(self, client: Client) -> None:
+        if client.read_buf is None:
+            client.read_buf = ffi.new("char[]", READ_MSGS * uffd.MSG_SIZE)
+        addr = int(ffi.cast("uintptr_t", client.read_buf))
+        client.read_ud = self.ring.read(client.uffd, addr, READ_MSGS * uffd.MSG_SIZE, 0,
+                                        lambda res, c=client: self._on_read(c, res))
+
+    def stop(self, client: Client) -> None:
+        if client.read_ud is not None:
+            self.ring.cancel(client.read_ud)
+            client.read_ud = None
+
+    def _on_read(self, client: Client, res: int) -> None:
+        client.read_ud = None
+        if client.closed or res == -errno.ECANCELED:
+            return
+        if res < 0:
+            if res in (-errno.EAGAIN, -errno.EINTR):
+                self.start(client)
+                return
+            log.error("read of uffd of pid %s failed: %s", client.pid, errno.errorcode.get(-res))
+            self.metrics.error("uffd_read")
+            return
+        msgs = uffd.parse(ffi.buffer(client.read_buf, res), res).copy()
+        self.start(client)  # keep a read outstanding while this batch is served
+        self.handle(client, msgs)
+
+    # --- events and faults -----------------------------------------------------
+    def handle(self, client: Client, msgs: np.ndarray) -> None:
+        ev = msgs["event"]
+        self.metrics.events(ev)
+        pages, slots = client.pages, self.swap.slots
+        for m in msgs[ev != uffd.EVENT_PAGEFAULT]:
+            e, a0, a1, a2 = int(m["event"]), int(m["a0"]), int(m["a1"]), int(m["a2"])
+            if e == uffd.EVENT_REMOVE:
+                pages.remove(a0, a1, slots)
+            elif e == uffd.EVENT_UNMAP:
+                pages.drop(a0, a1, slots)
+            elif e == uffd.EVENT_REMAP:
+                pages.remap(a0, a1, a2, slots)
+            elif e == uffd.EVENT_FORK:
+                self.server.forked(client, a0 & 0xFFFFFFFF)
+        faults = msgs[ev == uffd.EVENT_PAGEFAULT]
+        if len(faults):
+            client.faults_total += len(faults)
+            self.serve(client, faults["a1"].astype(np.int64) & PAGE_MASK,
+                       faults["a0"].astype(np.int64), (faults["a2"] & 0xFFFFFFFF).astype(np.int64))
+
+    def serve(self, client: Client, addrs, flags, tids) -> None:
+        pages = client.pages
+        zero, unprotect = [], []
+        for addr, fl, tid in zip(addrs.tolist(), flags.tolist(), tids.tolist()):
+            if addr == client.beacon:
+                self.server.beacon(client, tid)
+                zero.append(addr)
+                continue
+            r, i = pages.find(addr)
+            if r is None:
+                # Not ours (or not yet: a REMAP may be unread, and then the
+                # fill fails with EAGAIN and is retried after the event).
+                zero.append(addr)
+                self.metrics.fault("unknown")
+                continue
+            b = int(r.batch[i])
+            if b:
+                batch = client.batches.get(b)
+                if batch is not None and batch.zap_sent:
+                    # Our zap of this page is on its way: whatever the
+                    # program does to it now could be lost. Wait for it.
+                    batch.held.append(addr)
+                    self.metrics.fault("held")
+                    continue
+            st = int(r.state[i])
+            if fl & uffd.PAGEFAULT_FLAG_WP:
+                if st == INFLIGHT:
+                    cancel_page(r, i)  # written before its zap was sent: keep it
+                unprotect.append(addr)
+                self.metrics.fault("write_protect")
+            elif st == SWAPPED:
+                self.swap_in(client, r, i, addr, tid)
+            elif st == LOADING:
+                self.metrics.fault("loading")  # the COPY on its way wakes this one too
+            else:
+                if st == INFLIGHT:
+                    cancel_page(r, i)
+                zero.append(addr)
+                self.metrics.fault("zero")
+        if unprotect:
+            u = np.array(unprotect, dtype=np.uint64)
+            try:
+                uffd.writeprotect(client.uffd, u, np.full(len(u), PAGE, np.uint64), False)
+            except OSError as e:
+                self._gone_or_log(client, e, "unprotect")
+        if zero:
+            self.zero_fill(client, np.array(zero, dtype=np.int64))
+
+    def zero_fill(self, client: Client, addrs: np.ndarray) -> None:
+        addrs = np.unique(addrs)
+        n, res = uffd.zeropage(client.uffd, addrs, np.full(len(addrs), PAGE, np.uint64))
+        pages = client.pages
+        for addr, r_ in zip(addrs[:n].tolist(), res[:n].tolist()):
+            if r_ > 0 or r_ == -errno.EEXIST:
+                reg, i = pages.find(addr)
+                if reg is not None and reg.state[i] == EMPTY:
+                    reg.state[i] = RESIDENT
+            elif r_ == -errno.EAGAIN:
+                self.retry(client, addr)
+            elif r_ not in (-errno.ENOENT, -errno.ESRCH):
+                self.metrics.error("zeropage")
+                log.warning("UFFDIO_ZEROPAGE at %#x of pid %s: %s", addr, client.pid,
+                            errno.errorcode.get(-r_))
+        for addr in addrs[n:].tolist():
+            self.retry(client, addr)
+
+    # --- retry after EAGAIN -------------------------------------------------------
+    def retry(self, client: Client, addr: int) -> None:
+        client.retry.append(addr)
+        if not client.retry_scheduled:
+            client.retry_scheduled = True
+            self.server.loop.call_soon(self._retry, client)
+            self.metrics.error("eagain")
+
+    def _retry(self, client: Client) -> None:
+        client.retry_scheduled = False
+        if client.closed:
+            return
+        self.ring.harvest()  # the pending event is usually there by now
+        addrs, client.retry = client.retry, []
+        if addrs:
+            a = np.array(addrs, dtype=np.int64)
+            self.serve(client, a, np.zeros(len(a), np.int64), np.zeros(len(a), np.int64))
+
+    # --- swap-in ------------------------------------------------------------------
+    def swap_in(self, client: Client, r, i: int, addr: int, tid: int = 0) -> None:
+        """Read the page's slot and put it back with one COPY; when this
+        thread's faults run sequentially, bring the pages reclaimed next to
+        it along (the window doubles on each sequential fault, up to
+        MAX_READAHEAD, and falls back to one page on a jump)."""
+        window = client.readahead.get(tid)
+        if window is not None and window[0] == addr:
+            size = min(window[1] * 2, MAX_READAHEAD)
+        else:
+            size = 1
+        slot0 = int(r.slot[i])
+        k = 1
+        while (k < size and i + k < r.npages and r.state[i + k] == SWAPPED
+               and r.batch[i + k] == 0 and r.slot[i + k] == slot0 + k):
+            k += 1
+        if len(client.readahead) > 4096:
+            client.readahead.clear()  # threads come and go; keep this bounded
+        client.readahead[tid] = (addr + k * PAGE, size)
+        buf = self.server.fault_pool.try_acquire()
+        if buf is None:
+            self.retry(client, addr)  # every buffer busy: try on the next turn
+            return
+        r.state[i:i + k] = LOADING
+        slots = r.slot[i:i + k].copy()
+        self.swap.slots.ref(slots)  # pinned while the read is in flight
+        self.metrics.fault("swap")
+        self.ring.read(self.swap.fd, buf, k * PAGE, slot0 * PAGE,
+                       lambda res: self._loaded(client, r.start + i * PAGE, slots, buf, res))
+
+    def _loaded(self, client: Client, start: int, slots, buf: int, res: int) -> None:
+        k = len(slots)
+        try:
+            if client.closed:
+                return
+            if res != k * PAGE:
+                self.metrics.error("swap_read")
+                log.error("swap read of %d pages at slot %d: %s", k, slots[0],
+                          errno.errorcode.get(-res, res))
+                self._unload(client, start, slots)
+                self.server.loop.call_later(0.1, self.retry, client, start)
+                return
+            self.server.metrics.swap_read(k * PAGE)
+            self._copy(client, start, slots, buf)
+        finally:
+            self.swap.slots.release(slots)
+            self.server.fault_pool.release(buf)
+
+    def _unload(self, client, start, slots):
+        r, i = client.pages.find(start)
+        if r is not None:
+            k = min(len(slots), r.npages - i)
+            back = (r.state[i:i + k] == LOADING) & (r.slot[i:i + k] == slots[:k])
+            r.state[i:i + k][back] = SWAPPED
+
+    def _copy(self, client: Client, start: int, slots, buf: int) -> None:
+        r, i = client.pages.find(start)
+        k = len(slots)
+        if r is None or i + k > r.npages:
+            ok = np.zeros(k, dtype=bool)
+        else:
+            ok = (r.state[i:i + k] == LOADING) & (r.slot[i:i + k] == slots)
+        if not ok.all():
+            # Something happened meanwhile (the program removed a page, it
+            # was unmapped): copy the pages still wanted, serve the rest anew.
+            for j in np.flatnonzero(~ok).tolist():
+                self.retry(client, start + j * PAGE)
+        pos = np.flatnonzero(ok)
+        if not len(pos):
+            return
+        # one COPY per run of pages still loading
+        breaks = np.flatnonzero(np.diff(pos) != 1) + 1
+        firsts = pos[np.concatenate(([0], breaks))]
+        lens = np.diff(np.concatenate(([0], breaks, [len(pos)])))
+        n, res = uffd.copy(client.uffd, start + firsts * PAGE, buf + firsts * PAGE, lens * PAGE)
+        for f, ln, got in zip(firsts[:n].tolist(), lens[:n].tolist(), res[:n].tolist()):
+            done = ln if got == ln * PAGE or got == -errno.EEXIST else max(got, 0) // PAGE
+            if done:
+                idx = slice(i + f, i + f + done)
+                self.swap.slots.release(r.slot[idx])
+                r.slot[idx] = -1
+                r.state[idx] = RESIDENT
+                self.metrics.swapped_in(done)
+            if done < ln:
+                if got < 0 and got not in (-errno.EAGAIN, -errno.ENOENT, -errno.ESRCH):
+                    self.metrics.error("copy")
+                    log.warning("UFFDIO_COPY at %#x of pid %s: %s", start + f * PAGE,
+                                client.pid, errno.errorcode.get(-got))
+                back = slice(i + f + done, i + f + ln)
+                r.state[back] = SWAPPED
+                if got != -errno.ESRCH:
+                    self.retry(client, start + (f + done) * PAGE)
+        for f, ln in zip(firsts[n:].tolist(), lens[n:].tolist()):
+            r.state[i + f:i + f + ln] = SWAPPED
+            self.retry(client, start + f * PAGE)
+
+    def _gone_or_log(self, client: Client, e: OSError, what: str) -> None:
+        if e.errno in (errno.ESRCH, errno.ENOENT):
+            return
+        self.metrics.error(what)
+        log.warning("%s for pid %s: %s", what, client.pid, e)
+
+
+def present(pid: int, start: int, npages: int):
+    return proc.pagemap_present(pid, start, npages)

@@ -1,0 +1,103 @@
+"""A managed process as the server sees it: its uffd, its page map, the
+link to its agent, and the work in flight on it."""
+import asyncio
+import os
+import socket
+
+from ..core import protocol
+from ..core.pages import PAGE, RESIDENT, SWAPPED, PageMap
+
+
+class AgentLink:
+    """The agent's connection: the server sends ZAP requests and the agent's
+    zap thread answers each with ZAP_DONE."""
+
+    def __init__(self, sock: socket.socket, zap_flags: int = 0):
+        self.sock = sock
+        self.zap_flags = zap_flags
+        self.waiting: dict[int, asyncio.Future] = {}
+        self._seq = 0
+
+    def zap(self, starts, lengths) -> list[asyncio.Future]:
+        loop = asyncio.get_running_loop()
+        futs = []
+        for i in range(0, len(starts), protocol.MAX_ZAP_RANGES):
+            self._seq += 1
+            fut = loop.create_future()
+            self.waiting[self._seq] = fut
+            self.sock.send(protocol.pack_zap(self._seq, starts[i:i + protocol.MAX_ZAP_RANGES],
+                                             lengths[i:i + protocol.MAX_ZAP_RANGES],
+                                             self.zap_flags))
+            futs.append(fut)
+        return futs
+
+    def answered(self, seq: int, result) -> None:
+        fut = self.waiting.pop(seq, None)
+        if fut is not None and not fut.done():
+            fut.set_result(result)
+
+    def fail_all(self, exc: Exception) -> None:
+        for fut in self.waiting.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self.waiting.clear()
+
+
+class Client:
+    def __init__(self, uffd: int, pid: int | None, parent: "Client | None" = None):
+        self.uffd = uffd
+        self.pid = pid
+        self.pidfd: int | None = None
+        self.parent_pid = parent.pid if parent else None
+        self.comm = parent.comm if parent else "?"
+        self.pages = PageMap()
+        self.agent: AgentLink | None = None
+        self.private: tuple[int, int] = (0, 0)
+        self.beacon = 0
+        self.auto_maps = False
+        self.batches: dict = {}
+        self.read_buf = None
+        self.read_ud: int | None = None
+        self.retry: list = []  # faults to try again after events were read
+        self.retry_scheduled = False
+        self.reclaim_lock = asyncio.Lock()
+        self.reclaim_cursor = 0
+        self.closed = False
+        self.faults_total = 0
+        self.readahead: dict[int, tuple[int, int]] = {}  # tid -> (next address, window)
+        if pid is not None:
+            self.comm = read_comm(pid)
+
+    def __repr__(self):
+        return f"Client(pid={self.pid}, uffd={self.uffd})"
+
+    def status(self) -> dict:
+        return {"pid": self.pid, "comm": self.comm,
+                "managed_bytes": self.pages.managed_pages * PAGE,
+                "resident_bytes": self.pages.count(RESIDENT) * PAGE,
+                "swapped_bytes": self.pages.count(SWAPPED) * PAGE,
+                "faults_total": self.faults_total,
+                "agent": self.agent is not None}
+
+    def close_fds(self) -> None:
+        for fd in (self.uffd, self.pidfd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.uffd = self.pidfd = None
+        if self.agent is not None:
+            self.agent.fail_all(ConnectionError("client exited"))
+            try:
+                self.agent.sock.close()
+            except OSError:
+                pass
+
+
+def read_comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"

@@ -1,0 +1,202 @@
+"""Where a page is reclaimed.
+
+A batch goes: write-protect its pages; copy them out with process_vm_readv
+(in a worker thread: it can fault, and the loop is who serves faults);
+write the pages that are not all zeros to the swap file through the ring
+and wait for every write to complete; only then ask the agent to zap what
+is still in flight, adjacent pages merged into one range, up to 1024
+ranges per process_madvise call. A write fault before the zap is sent
+cancels that page; after, it waits until the batch settles.
+
+While the zap request is out, the loop keeps reading the uffd: the agent's
+zapping thread blocks on every REMOVE until the server has read it.
+"""
+import asyncio
+import errno
+import logging
+import time
+
+import numpy as np
+
+from ..core import policy
+from ..core.batch import Batch
+from ..core.pages import PAGE, RESIDENT
+from ..core.ranges import byte_ranges, paired_runs, runs
+from ..system import proc, uffd
+from .managed import Client
+
+log = logging.getLogger("uffdsrv.reclaim")
+BATCH_PAGES = 4096
+
+
+class NoAgent(Exception):
+    pass
+
+
+class ReclaimPath:
+    def __init__(self, server):
+        self.server = server
+        self.swap = server.swap
+        self.metrics = server.metrics
+        self.full_logged = False
+
+    async def reclaim(self, client: Client, keep_bytes: int = 0) -> int:
+        """Reclaim until the client's resident managed memory is at most
+        keep_bytes, or nothing more can go. Returns bytes reclaimed."""
+        if client.agent is None:
+            raise NoAgent(f"pid {client.pid} has no agent connected to zap its pages")
+        reclaimed = 0
+        async with client.reclaim_lock:
+            await self.server.rescan(client)
+            while not client.closed:
+                excess = client.pages.count(RESIDENT) - keep_bytes // PAGE
+                if excess <= 0:
+                    break
+                region, idx = policy.pick(client.pages, min(excess, BATCH_PAGES),
+                                          client.reclaim_cursor)
+                if region is None:
+                    break
+                client.reclaim_cursor = region.start + (int(idx[-1]) + 1) * PAGE
+                got = await self.batch(client, region, idx)
+                reclaimed += got
+                if got == 0 and self.swap.slots.free == 0:
+                    break
+        return reclaimed
+
+    async def batch(self, client: Client, region, idx: np.ndarray) -> int:
+        t0 = time.monotonic()
+        b = Batch(region, idx)
+        client.batches[b.id] = b
+        pages, slots = client.pages, self.swap.slots
+        buf = None
+        reclaimed = 0
+        try:
+            starts, lens = byte_ranges(region.start, idx)
+            try:
+                uffd.writeprotect(client.uffd, starts, lens, True)
+            except OSError as e:
+                log.warning("write-protect for pid %s: %s", client.pid, e)
+                self.metrics.error("writeprotect")
+                return 0
+            buf = await self.server.reclaim_pool.acquire()
+            n = len(idx)
+            got = await self.server.loop.run_in_executor(
+                self.server.executor, proc.vm_readv, client.pid, buf, starts, lens)
+            if got != n * PAGE:
+                raise OSError(errno.EFAULT, f"process_vm_readv read {got} of {n * PAGE} bytes")
+            zero = proc.zero_pages(buf, n)
+            live = b.inflight(pages)
+            data = live[~zero[live]]
+            got_slots = slots.alloc(len(data))
+            if len(got_slots) < len(data):
+                if not self.full_logged:
+                    log.error("swap file %s is full (%d slots): reclaim stops here; "
+                              "nothing is lost", self.swap.path, slots.nslots)
+                    self.full_logged = True
+                self.metrics.error("swap_full")
+                # pages without a slot stay resident: drop them from the batch
+                for p in data[len(got_slots):].tolist():
+                    rr, i = pages.find(int(b.addrs[p]))
+                    if rr is not None and rr.batch[i] == b.id:
+                        rr.state[i] = RESIDENT
+                data = data[:len(got_slots)]
+            else:
+                self.full_logged = False
+            b.set_slots(pages, data, got_slots)
+            await self.write(buf, data, got_slots)
+            live = b.inflight(pages)
+            if not len(live):
+                return 0
+            zstarts, zlens = self._ranges(b.addrs[live])
+            b.expect_zap(pages, live)
+            t_zap = time.monotonic()
+            results = await asyncio.gather(*client.agent.zap(zstarts, zlens))
+            self.metrics.zapped(len(zstarts), [len(zstarts[i:i + 1024])
+                                               for i in range(0, len(zstarts), 1024)],
+                                time.monotonic() - t_zap)
+            await self._removes_read(client, b, live, results, zstarts, zlens)
+            reclaimed = len(live) * PAGE
+            return reclaimed
+        except OSError as e:
+            if client.closed or e.errno == errno.ESRCH:
+                return 0
+            log.warning("reclaim batch of pid %s failed: %s", client.pid, e)
+            self.metrics.error("reclaim")
+            return 0
+        finally:
+            unprotect = b.settle(pages, slots)
+            if len(unprotect) and not client.closed:
+                us, ul = self._ranges(unprotect)
+                try:
+                    uffd.writeprotect(client.uffd, us, ul, False)
+                except OSError as e:
+                    log.debug("unprotect for pid %s: %s", client.pid, e)
+            if b.held and not client.closed:
+                held = np.unique(np.array(b.held, dtype=np.int64))
+                self.server.faults.serve(client, held, np.zeros(len(held), np.int64),
+                                         np.zeros(len(held), np.int64))
+            del client.batches[b.id]
+            if buf is not None:
+                self.server.reclaim_pool.release(buf)
+            if reclaimed:
+                self.metrics.reclaimed(reclaimed // PAGE, time.monotonic() - t0)
+
+    async def write(self, buf: int, positions: np.ndarray, slots: np.ndarray) -> None:
+        """One ring write per run of pages that are adjacent both in the
+        buffer and in the swap file; returns when all have completed."""
+        if not len(positions):
+            return
+        first, count = paired_runs(positions, slots)
+        ring = self.server.ring
+        futs = [ring.write_async(self.swap.fd, buf + int(positions[f]) * PAGE, int(c) * PAGE,
+                                 int(slots[f]) * PAGE)
+                for f, c in zip(first.tolist(), count.tolist())]
+        results = await asyncio.gather(*futs)
+        for res, c in zip(results, count.tolist()):
+            if res != c * PAGE:
+                self.metrics.error("swap_write")
+                err = -res if res < 0 else errno.EIO
+                raise OSError(err, f"swap write: {errno.errorcode.get(err, err)}")
+        self.metrics.swap_written(int(count.sum()) * PAGE)
+
+    async def _removes_read(self, client, b, live, results, zstarts, zlens) -> None:
+        """The agent has answered; make sure the REMOVE of every range it
+        zapped has been applied before the batch settles. They were read
+        before the agent could answer, so they are in the ring's completion
+        queue now; harvest it, and yield a few times should a completion
+        still be on its way."""
+        done_ranges = 0
+        for (_bytes, ranges_done, error), i in zip(results, range(0, len(zstarts), 1024)):
+            done_ranges = i + ranges_done
+            if error:
+                log.warning("zap for pid %s stopped after %d ranges: %s", client.pid,
+                            done_ranges, errno.errorcode.get(error, error))
+                self.metrics.error("zap")
+                break
+        zapped_end = 0
+        if done_ranges:
+            zapped_end = int(zstarts[done_ranges - 1] + zlens[done_ranges - 1])
+        addrs = b.addrs[live]
+        want = addrs[addrs < zapped_end]
+        for attempt in range(2000):
+            self.server.ring.harvest()
+            if not self._expecting(client, want):
+                return
+            await asyncio.sleep(0 if attempt < 1000 else 0.001)
+        log.error("pid %s: REMOVE events of a zap never arrived", client.pid)
+
+    def _expecting(self, client, addrs) -> bool:
+        if not len(addrs):
+            return False
+        r, i = client.pages.find(int(addrs[0]))
+        if r is None:
+            return False
+        idx = (addrs - r.start) // PAGE
+        idx = idx[(idx >= 0) & (idx < r.npages)]
+        return bool(np.any(r.expect[idx] > 0))
+
+    @staticmethod
+    def _ranges(addrs: np.ndarray):
+        base = int(addrs[0]) if len(addrs) else 0
+        first, count = runs((np.asarray(addrs, dtype=np.int64) - base) // PAGE)
+        return ((base + first * PAGE).astype(np.uint64), (count * PAGE).astype(np.uint64))

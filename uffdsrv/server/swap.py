@@ -1,0 +1,73 @@
+"""The swap file and the staging buffers that swap I/O goes through.
+
+The file is created 0600 with O_NOFOLLOW and left sparse: a page is
+written only when reclaimed, and all-zero pages are never written. The
+staging buffers live in the ring's registered arena, split in two pools:
+large buffers for reclaim batches, small ones for swap-ins."""
+import asyncio
+import os
+import stat
+
+from ..core.slots import Slots
+
+PAGE = 4096
+
+
+class SwapError(Exception):
+    pass
+
+
+class SwapFile:
+    def __init__(self, path: str, size: int):
+        if size < PAGE * 16:
+            raise SwapError(f"swap size {size} is too small (at least {PAGE * 16} bytes)")
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            self.fd = os.open(path, flags, 0o600)
+        except OSError as e:
+            raise SwapError(f"cannot open swap file {path}: {e.strerror}") from None
+        st = os.fstat(self.fd)
+        if stat.S_ISREG(st.st_mode):
+            if st.st_mode & 0o077:
+                os.fchmod(self.fd, 0o600)
+            os.ftruncate(self.fd, size)
+        elif stat.S_ISBLK(st.st_mode):
+            size = min(size, os.lseek(self.fd, 0, os.SEEK_END))
+        else:
+            os.close(self.fd)
+            raise SwapError(f"swap path {path} is neither a regular file nor a block device")
+        self.path = path
+        self.size = size - size % PAGE
+        self.slots = Slots(self.size // PAGE)
+
+    def close(self):
+        os.close(self.fd)
+
+
+class Pool:
+    """Fixed-size buffers carved out of the ring arena."""
+
+    def __init__(self, base_addr: int, offset: int, pages_each: int, count: int):
+        self.pages_each = pages_each
+        self.offsets = [offset + i * pages_each * PAGE for i in range(count)]
+        self.base_addr = base_addr
+        self._free: asyncio.Queue | None = None
+
+    def _queue(self) -> asyncio.Queue:
+        if self._free is None:
+            self._free = asyncio.Queue()
+            for off in self.offsets:
+                self._free.put_nowait(self.base_addr + off)
+        return self._free
+
+    async def acquire(self) -> int:
+        return await self._queue().get()
+
+    def try_acquire(self) -> int | None:
+        try:
+            return self._queue().get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    def release(self, addr: int) -> None:
+        self._queue().put_nowait(addr)

@@ -1,0 +1,168 @@
+"""io_uring: how the kernel behaves, and how the server uses it.
+
+One ring serves the whole server. Each operation carries a 64-bit
+user_data; the ring maps it back to a Python callback when its completion
+is harvested. Completions are announced on an eventfd (registered with the
+ring) that the asyncio loop watches, so the loop sleeps in epoll and wakes
+for completions and sockets alike.
+
+A read of a non-blocking uffd through the ring does not block a kernel
+worker: io_uring tries it, gets EAGAIN, arms a poll on the uffd and retries
+when the uffd becomes readable, then posts the completion (as task work on
+our thread, which our next syscall runs). One read returns a batch of
+`uffd_msg`s. io_uring has no opcode for uffd ioctls: those stay
+synchronous, batched in C.
+
+Swap I/O uses READ_FIXED/WRITE_FIXED into one registered buffer arena, so
+the kernel pins those pages once instead of on every request.
+
+Submission is batched: prep calls queue SQEs and one io_uring_enter per
+event-loop turn submits them all (the flush is scheduled on first use).
+"""
+import asyncio
+import itertools
+import mmap
+import os
+
+import numpy as np
+
+from .._native import ffi, lib
+from .errors import check
+from .uffd import _ptr, _u64
+
+
+class Ring:
+    def __init__(self, entries: int = 1024, arena_bytes: int = 64 << 20):
+        self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        err = ffi.new("int *")
+        self._r = lib.ufs_ring_new(entries, self.eventfd, err)
+        if self._r == ffi.NULL:
+            os.close(self.eventfd)
+            check(err[0], "io_uring_queue_init")
+        self.arena = mmap.mmap(-1, arena_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.arena_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.arena)))
+        check(lib.ufs_ring_register_buffer(self._r, ffi.cast("void *", self.arena_addr),
+                                           arena_bytes), "io_uring_register_buffers")
+        self._callbacks: dict[int, object] = {}
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_scheduled = False
+        self._ud = np.zeros(512, dtype=np.uint64)
+        self._res = np.zeros(512, dtype=np.int32)
+        self.submissions = 0
+        self.entries_submitted = 0
+
+    # --- lifecycle -------------------------------------------------------
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self.eventfd, self.harvest)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.eventfd)
+        if self._r is not None:
+            lib.ufs_ring_free(self._r)
+            self._r = None
+        os.close(self.eventfd)
+
+    # --- submission ------------------------------------------------------
+    def _queued(self, ret: int, call: str, callback) -> int:
+        check(ret, call)
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+        return ret
+
+    def _id(self, callback) -> int:
+        ud = next(self._ids)
+        self._callbacks[ud] = callback
+        return ud
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        pending = lib.ufs_ring_pending(self._r)
+        if pending:
+            check(lib.ufs_ring_submit(self._r), "io_uring_submit")
+            self.submissions += 1
+            self.entries_submitted += pending
+
+    def read(self, fd: int, addr: int, length: int, offset: int, callback) -> int:
+        """Queue a read; callback(res) runs on harvest. Returns user_data."""
+        ud = self._id(callback)
+        fixed = self.arena_addr <= addr and addr + length <= self.arena_addr + len(self.arena)
+        prep = lib.ufs_ring_read_fixed if fixed else lib.ufs_ring_read
+        self._queued(prep(self._r, fd, ffi.cast("void *", addr), length, offset, ud),
+                     "io_uring read", callback)
+        return ud
+
+    def write(self, fd: int, addr: int, length: int, offset: int, callback) -> int:
+        ud = self._id(callback)
+        fixed = self.arena_addr <= addr and addr + length <= self.arena_addr + len(self.arena)
+        prep = lib.ufs_ring_write_fixed if fixed else lib.ufs_ring_write
+        self._queued(prep(self._r, fd, ffi.cast("void *", addr), length, offset, ud),
+                     "io_uring write", callback)
+        return ud
+
+    def readv(self, fd: int, addrs, lengths, offset: int, callback) -> int:
+        ud = self._id(callback)
+        a, n = _u64(addrs), _u64(lengths)
+        self._queued(lib.ufs_ring_readv(self._r, fd, _ptr(a, "uint64_t *"), _ptr(n, "uint64_t *"),
+                                        len(a), offset, ud), "io_uring readv", callback)
+        return ud
+
+    def writev(self, fd: int, addrs, lengths, offset: int, callback) -> int:
+        ud = self._id(callback)
+        a, n = _u64(addrs), _u64(lengths)
+        self._queued(lib.ufs_ring_writev(self._r, fd, _ptr(a, "uint64_t *"),
+                                         _ptr(n, "uint64_t *"), len(a), offset, ud),
+                     "io_uring writev", callback)
+        return ud
+
+    def cancel(self, target_ud: int) -> None:
+        """Cancel a queued operation; its callback still runs, with -ECANCELED."""
+        if target_ud in self._callbacks:
+            self._queued(lib.ufs_ring_cancel(self._r, target_ud, 0), "io_uring cancel", None)
+
+    # --- completion ------------------------------------------------------
+    def harvest(self) -> int:
+        """Run the callbacks of every completion posted so far."""
+        try:
+            os.eventfd_read(self.eventfd)
+        except BlockingIOError:
+            pass
+        done = 0
+        while True:
+            n = lib.ufs_ring_harvest(self._r, _ptr(self._ud, "uint64_t *"),
+                                     _ptr(self._res, "int32_t *"), len(self._ud))
+            if n <= 0:
+                return done
+            uds, res = self._ud[:n].tolist(), self._res[:n].tolist()
+            for ud, r in zip(uds, res):
+                cb = self._callbacks.pop(ud, None)
+                if cb is not None:
+                    cb(r)
+            done += n
+
+    def wait(self, nr: int = 1) -> None:
+        """Block until nr completions are posted (tests and tools only)."""
+        self.flush()
+        check(lib.ufs_ring_wait(self._r, nr), "io_uring_wait_cqe")
+
+    # --- awaitable forms for the reclaim path -----------------------------
+    def _future(self):
+        fut = self._loop.create_future()
+
+        def done(res, fut=fut):
+            if not fut.done():
+                fut.set_result(res)
+        return fut, done
+
+    def read_async(self, fd, addr, length, offset):
+        fut, cb = self._future()
+        self.read(fd, addr, length, offset, cb)
+        return fut
+
+    def write_async(self, fd, addr, length, offset):
+        fut, cb = self._future()
+        self.write(fd, addr, length, offset, cb)
+        return fut
