@@ -48,18 +48,28 @@ class Slots:
         if len(slots):
             if np.any(self.refs[slots] == 0):
                 raise ValueError("ref of a free slot")
-            np.add.at(self.refs, slots, 1)
+            # one call never names a slot twice: no page map holds a slot
+            # in two pages, so plain fancy indexing counts right
+            self.refs[slots] += 1
 
     def release(self, slots) -> None:
+        if isinstance(slots, int):  # the fault path's one page, without numpy
+            if slots >= 0:
+                if self.refs[slots] == 0:
+                    raise ValueError("release of a free slot")
+                self.refs[slots] -= 1
+                if self.refs[slots] == 0:
+                    self.used -= 1
+                    self._low = min(self._low, slots)
+            return
         slots = np.atleast_1d(np.asarray(slots, dtype=np.int64))
         slots = slots[slots >= 0]
         if not len(slots):
             return
         if np.any(self.refs[slots] == 0):
             raise ValueError("release of a free slot")
-        np.subtract.at(self.refs, slots, 1)
+        self.refs[slots] -= 1
         freed = slots[self.refs[slots] == 0]
         if len(freed):
-            freed = np.unique(freed)
             self.used -= len(freed)
             self._low = min(self._low, int(freed[0]))

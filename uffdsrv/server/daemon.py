@@ -20,9 +20,9 @@ from ..core import maps, protocol
 from ..core.pages import LOADING, PAGE, SWAPPED
 from ..system import proc, uffd
 from ..system.ring import Ring
-from .managed import AgentLink, Client
 from .control import ControlSocket
 from .faults import MAX_READAHEAD, FaultPath
+from .managed import AgentLink, Client
 from .metrics import Metrics
 from .reclaim import BATCH_PAGES, NoAgent, ReclaimPath
 from .swap import Pool, SwapFile

@@ -59,8 +59,14 @@ class FaultPath:
             self.metrics.error("uffd_read")
             return
         msgs = uffd.parse(ffi.buffer(client.read_buf, res), res).copy()
-        self.start(client)  # keep a read outstanding while this batch is served
-        self.handle(client, msgs)
+        # The next read goes out after this batch is handled, so a harvest
+        # run from inside the handling can never deliver this client's
+        # later events before the earlier ones are done.
+        try:
+            self.handle(client, msgs)
+        finally:
+            if not client.closed:
+                self.start(client)
 
     # --- events and faults -----------------------------------------------------
     def handle(self, client: Client, msgs: np.ndarray) -> None:
@@ -86,6 +92,7 @@ class FaultPath:
     def serve(self, client: Client, addrs, flags, tids) -> None:
         pages = client.pages
         zero, unprotect = [], []
+        swapping = False
         for addr, fl, tid in zip(addrs.tolist(), flags.tolist(), tids.tolist()):
             if addr == client.beacon:
                 self.server.beacon(client, tid)
@@ -115,6 +122,7 @@ class FaultPath:
                 self.metrics.fault("write_protect")
             elif st == SWAPPED:
                 self.swap_in(client, r, i, addr, tid)
+                swapping = True
             elif st == LOADING:
                 self.metrics.fault("loading")  # the COPY on its way wakes this one too
             else:
@@ -130,6 +138,11 @@ class FaultPath:
                 self._gone_or_log(client, e, "unprotect")
         if zero:
             self.zero_fill(client, np.array(zero, dtype=np.int64))
+        if swapping:
+            # Reads that hit the page cache complete inside the submit:
+            # finish them now instead of on the next turn of the loop.
+            self.ring.flush()
+            self.ring.harvest()
 
     def zero_fill(self, client: Client, addrs: np.ndarray) -> None:
         addrs = np.unique(addrs)
@@ -234,6 +247,15 @@ class FaultPath:
             # was unmapped): copy the pages still wanted, serve the rest anew.
             for j in np.flatnonzero(~ok).tolist():
                 self.retry(client, start + j * PAGE)
+        if k == 1 and ok[0]:
+            n, res = uffd.copy(client.uffd, (start,), (buf,), (PAGE,))
+            got = int(res[0]) if n else -errno.EAGAIN
+            if got == PAGE or got == -errno.EEXIST:
+                self.swap.slots.release(int(r.slot[i]))
+                r.slot[i] = -1
+                r.state[i] = RESIDENT
+                self.metrics.swapped_in(1)
+                return
         pos = np.flatnonzero(ok)
         if not len(pos):
             return

@@ -1,6 +1,8 @@
 """Prometheus metrics. Names follow Prometheus conventions: uffdsrv_
 prefix, base units, counters ending in _total. Per-client gauges carry the
 pid only while that client lives."""
+import collections
+
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -43,6 +45,7 @@ class Metrics:
                                          buckets=(1, 2, 4, 8, 16, 64, 256, 1024))
         self.clients = Gauge("uffdsrv_clients", "Connected managed processes", registry=r)
         self._server = None
+        self._fault_kinds = {}
         r.register(_StateCollector(self))
 
     def attach(self, server) -> None:
@@ -52,11 +55,13 @@ class Metrics:
         start_http_server(port, addr=host, registry=self.registry)
 
     def fault(self, kind: str) -> None:
-        self.faults_total.labels(kind).inc()
+        child = self._fault_kinds.get(kind)
+        if child is None:
+            child = self._fault_kinds[kind] = self.faults_total.labels(kind)
+        child.inc()
 
     def events(self, ev: np.ndarray) -> None:
-        vals, counts = np.unique(ev, return_counts=True)
-        for v, c in zip(vals.tolist(), counts.tolist()):
+        for v, c in collections.Counter(ev.tolist()).items():
             self.events_total.labels(EVENT_NAMES.get(v, "other")).inc(c)
 
     def error(self, kind: str) -> None:

@@ -48,10 +48,14 @@ class ReclaimPath:
         reclaimed = 0
         async with client.reclaim_lock:
             await self.server.rescan(client)
-            while not client.closed:
+            # one pass: a program that keeps faulting pages back in must not
+            # keep a reclaim request running for ever
+            budget = client.pages.count(RESIDENT)
+            while not client.closed and budget > 0:
                 excess = client.pages.count(RESIDENT) - keep_bytes // PAGE
                 if excess <= 0:
                     break
+                budget -= min(excess, BATCH_PAGES)
                 region, idx = policy.pick(client.pages, min(excess, BATCH_PAGES),
                                           client.reclaim_cursor)
                 if region is None:

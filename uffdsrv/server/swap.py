@@ -45,29 +45,28 @@ class SwapFile:
 
 
 class Pool:
-    """Fixed-size buffers carved out of the ring arena."""
+    """Fixed-size buffers carved out of the ring arena. The fault path takes
+    one without waiting (try_acquire); reclaim waits for one (acquire)."""
 
     def __init__(self, base_addr: int, offset: int, pages_each: int, count: int):
         self.pages_each = pages_each
-        self.offsets = [offset + i * pages_each * PAGE for i in range(count)]
-        self.base_addr = base_addr
-        self._free: asyncio.Queue | None = None
-
-    def _queue(self) -> asyncio.Queue:
-        if self._free is None:
-            self._free = asyncio.Queue()
-            for off in self.offsets:
-                self._free.put_nowait(self.base_addr + off)
-        return self._free
+        self._free = [base_addr + offset + i * pages_each * PAGE for i in range(count)]
+        self._waiters: list[asyncio.Future] = []
 
     async def acquire(self) -> int:
-        return await self._queue().get()
+        while not self._free:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            await fut
+        return self._free.pop()
 
     def try_acquire(self) -> int | None:
-        try:
-            return self._queue().get_nowait()
-        except asyncio.QueueEmpty:
-            return None
+        return self._free.pop() if self._free else None
 
     def release(self, addr: int) -> None:
-        self._queue().put_nowait(addr)
+        self._free.append(addr)
+        while self._waiters:
+            fut = self._waiters.pop(0)
+            if not fut.done():
+                fut.set_result(None)
+                break

@@ -98,7 +98,9 @@ def _u64(a) -> np.ndarray:
 
 
 def _ptr(a: np.ndarray, ctype: str):
-    return ffi.cast(ctype, a.ctypes.data)
+    # from_buffer is several times cheaper than a.ctypes.data, which counts
+    # on the fault path; the array must outlive the call, as it does here.
+    return ffi.from_buffer(ctype.replace(" *", "[]"), a)
 
 
 def copy(fd: int, dst, src, length, mode: int = 0) -> tuple[int, np.ndarray]:

@@ -1,0 +1,170 @@
+"""Shared fixtures: a real server process, and real workloads run under the
+agent. Integration tests need root and the kernel interfaces; they skip,
+saying why, where those are missing."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKLOAD = ROOT / "uffdsrv" / "_bin" / "workload"
+PY = sys.executable
+
+
+def kernel_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (process_vm_readv, pidfd_getfd, /dev/userfaultfd)"
+    if not os.path.exists("/dev/userfaultfd"):
+        return "the kernel has no /dev/userfaultfd"
+    return None
+
+
+@pytest.fixture(scope="session")
+def need_kernel():
+    why = kernel_missing()
+    if why:
+        pytest.skip(why)
+
+
+def uffdsrv(*args, check=True, timeout=120) -> subprocess.CompletedProcess:
+    r = subprocess.run([PY, "-m", "uffdsrv", *args], capture_output=True, text=True,
+                       timeout=timeout, cwd=ROOT)
+    if check and r.returncode != 0:
+        raise AssertionError(f"uffdsrv {' '.join(args)} failed: {r.stderr.strip()}")
+    return r
+
+
+class Server:
+    def __init__(self, tmp: Path, swap_size: str = "1G", extra=()):
+        self.dir = tmp
+        self.socket = str(tmp / "uffdsrv.sock")
+        self.swap = str(tmp / "swap")
+        self.log = tmp / "server.log"
+        self.args = ["serve", "--socket", self.socket, "--swap", self.swap,
+                     "--swap-size", swap_size, *extra]
+        self.proc = None
+
+    def start(self):
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([PY, "-m", "uffdsrv", *self.args], stdout=log,
+                                         stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited: {self.log.read_text()}")
+            if os.path.exists(self.socket) and uffdsrv("status", "--socket", self.socket,
+                                                       check=False).returncode == 0:
+                return self
+            time.sleep(0.05)
+        raise AssertionError("server did not come up")
+
+    def status(self) -> dict:
+        return json.loads(uffdsrv("status", "--socket", self.socket, "--json").stdout)
+
+    def client(self, pid: int) -> dict:
+        for c in self.status()["clients"]:
+            if c["pid"] == pid:
+                return c
+        raise AssertionError(f"pid {pid} is not a client")
+
+    def reclaim(self, pid: int, keep: int = 0) -> int:
+        r = uffdsrv("reclaim", "--socket", self.socket, "--pid", str(pid), "--keep-bytes",
+                    str(keep))
+        return json.loads(r.stdout)["reclaimed_bytes"]
+
+    def stop(self, sig=signal.SIGTERM, timeout=60) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("server did not stop") from None
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+@pytest.fixture
+def server(need_kernel, tmp_path):
+    s = Server(tmp_path).start()
+    yield s
+    code = s.stop()
+    log = s.log_text()
+    assert "Traceback" not in log, log
+    assert code == 0, log
+
+
+class Workload:
+    """native/tools/workload.c under the agent: one command line in, one
+    answer line out."""
+
+    def __init__(self, socket: str, mib: int = 64, threads: int = 4, seed: int = 1,
+                 managed: bool = True):
+        cmd = [str(WORKLOAD), "--mib", str(mib), "--threads", str(threads), "--seed", str(seed)]
+        if managed:
+            cmd = [PY, "-m", "uffdsrv", "run", "--socket", socket, "--", *cmd]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        ready = self.proc.stdout.readline().split()
+        assert ready and ready[0] == "ready", (ready, self.proc.stderr.read())
+        self.addr, self.npages = int(ready[1], 16), int(ready[2])
+        self.pid = self.proc.pid
+
+    def cmd(self, line: str) -> str:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        out = self.proc.stdout.readline().strip()
+        assert out, f"workload died on {line!r}: {self.proc.stderr.read()}"
+        return out
+
+    def verify(self) -> tuple[int, int]:
+        ok, n, bad = self.cmd("verify").split()
+        assert ok == "ok"
+        return int(n), int(bad)
+
+    def rss_kib(self) -> int:
+        return int(self.cmd("rss").split()[1])
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.cmd("exit")
+            except (AssertionError, BrokenPipeError, OSError):
+                pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def workload(server):
+    made = []
+
+    def make(**kw):
+        w = Workload(server.socket, **kw)
+        made.append(w)
+        wait_client(server, w.pid)
+        return w
+    yield make
+    for w in made:
+        w.close()
+
+
+def wait_client(server: Server, pid: int, timeout: float = 10) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for c in server.status()["clients"]:
+            if c["pid"] == pid:
+                return c
+        time.sleep(0.05)
+    raise AssertionError(f"pid {pid} never connected: {server.log_text()}")

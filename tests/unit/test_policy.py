@@ -1,0 +1,88 @@
+"""policy.pick: which resident pages go next."""
+import numpy as np
+import pytest
+
+from uffdsrv.core.pages import EMPTY, PAGE, RESIDENT, SWAPPED, PageMap
+from uffdsrv.core.policy import pick
+
+A, B, C = 0x10000, 0x100000, 0x200000
+
+
+def pm_with(*regions):
+    """regions: (start, states string) with R resident, S swapped, E empty,
+    H resident but held by a batch."""
+    pm = PageMap()
+    code = {"R": RESIDENT, "S": SWAPPED, "E": EMPTY, "H": RESIDENT}
+    for start, states in regions:
+        r = pm.add(start, start + len(states) * PAGE)
+        r.state[:] = [code[c] for c in states]
+        r.slot[r.state == SWAPPED] = 0
+        r.batch[[i for i, c in enumerate(states) if c == "H"]] = 99
+    return pm
+
+
+def picked(pm, limit, cursor=0):
+    r, idx = pick(pm, limit, cursor)
+    assert idx.dtype == np.int64
+    return (None if r is None else r.start), idx.tolist()
+
+
+@pytest.mark.parametrize("regions, limit, cursor, want", [
+    # nothing to pick
+    ([], 4, 0, (None, [])),
+    ([(A, "RRRR")], 0, 0, (None, [])),
+    ([(A, "SSEE"), (B, "ESSE")], 4, 0, (None, [])),
+    ([(A, "HHHH")], 4, 0, (None, [])),
+    # resident pages only, batch-held skipped, address order, up to limit
+    ([(A, "RSRERHR")], 10, 0, (A, [0, 2, 4, 6])),
+    ([(A, "RSRERHR")], 2, 0, (A, [0, 2])),
+    # one region per call even when the limit is not reached
+    ([(A, "RR"), (B, "RRRR")], 10, 0, (A, [0, 1])),
+    # a region with nothing resident is passed over
+    ([(A, "SSSS"), (B, "SRSR")], 10, 0, (B, [1, 3])),
+    # cursor inside a region: from there on
+    ([(A, "RRRRRRRR")], 3, A + 4 * PAGE, (A, [4, 5, 6])),
+    # cursor at a region's end or between regions: the next region
+    ([(A, "RRRR"), (B, "RRRR")], 2, A + 4 * PAGE, (B, [0, 1])),
+    ([(A, "RRRR"), (B, "RRRR")], 2, 0x50000, (B, [0, 1])),
+    # cursor past the last region: wraps to the first
+    ([(A, "RRRR"), (B, "RRRR")], 2, C, (A, [0, 1])),
+    ([(A, "SSRR"), (B, "SSSS")], 8, B + 2 * PAGE, (A, [2, 3])),
+    # a single region wraps to its own start
+    ([(A, "RRSSSS")], 8, A + 3 * PAGE, (A, [0, 1])),
+])
+def test_pick(regions, limit, cursor, want):
+    assert picked(pm_with(*regions), limit, cursor) == want
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: when the cursor's region has nothing resident at "
+                   "or after the cursor, pick() takes that region's pages *below* the cursor "
+                   "instead of moving on to the next region; hot low pages of one region "
+                   "are reclaimed again and again while later regions wait")
+@pytest.mark.parametrize("regions, cursor, want", [
+    # nothing left after the cursor in A: B comes next in address order
+    ([(A, "RRSS"), (B, "RRRR")], A + 2 * PAGE, (B, [0, 1, 2, 3])),
+    # nothing left after the cursor in the last region: wrap to the first region
+    ([(A, "RRRR"), (B, "RRSS")], B + 2 * PAGE, (A, [0, 1, 2, 3])),
+])
+def test_pick_moves_on_to_next_region_before_wrapping(regions, cursor, want):
+    assert picked(pm_with(*regions), 8, cursor) == want
+
+
+def test_pick_does_not_change_the_map():
+    pm = pm_with((A, "RRHS"))
+    before = [a.copy() for a in (pm.regions[0].state, pm.regions[0].batch)]
+    pick(pm, 4, 0)
+    assert pm.regions[0].state.tolist() == before[0].tolist()
+    assert pm.regions[0].batch.tolist() == before[1].tolist()
+
+
+def test_cursor_walk_covers_every_region_in_order():
+    """What the reclaim loop does: advance the cursor past each pick."""
+    pm = pm_with((A, "RRR"), (B, "RR"), (C, "R"))
+    cursor, seen = A + PAGE, []
+    for _ in range(6):
+        r, idx = pick(pm, 2, cursor)
+        seen.append((r.start, idx.tolist()))
+        cursor = r.start + (int(idx[-1]) + 1) * PAGE
+    assert seen == [(A, [1, 2]), (B, [0, 1]), (C, [0]), (A, [0, 1]), (A, [2]), (B, [0, 1])]
