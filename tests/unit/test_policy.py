@@ -55,10 +55,6 @@ def test_pick(regions, limit, cursor, want):
     assert picked(pm_with(*regions), limit, cursor) == want
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: when the cursor's region has nothing resident at "
-                   "or after the cursor, pick() takes that region's pages *below* the cursor "
-                   "instead of moving on to the next region; hot low pages of one region "
-                   "are reclaimed again and again while later regions wait")
 @pytest.mark.parametrize("regions, cursor, want", [
     # nothing left after the cursor in A: B comes next in address order
     ([(A, "RRSS"), (B, "RRRR")], A + 2 * PAGE, (B, [0, 1, 2, 3])),

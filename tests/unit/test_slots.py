@@ -79,10 +79,6 @@ def test_minus_one_is_ignored(op):
 
 
 @pytest.mark.parametrize("order", [[3, 1], [6, 2, 4], [7, 0]])
-@pytest.mark.xfail(strict=True, reason="BUG (uncommitted change to slots.py): release() "
-                   "takes freed[0] as the lowest freed slot, but a region releases its slots "
-                   "in page order, not slot order; _low then skips free slots, breaking "
-                   "lowest-first and reporting the swap full while slots are free")
 def test_release_in_any_order_keeps_lowest_first(order):
     s = Slots(8)
     s.alloc(8)
@@ -98,10 +94,6 @@ def test_release_of_unsorted_slots_frees_them_all():
     assert refs(s) == [1, 1, 0, 1, 0, 1, 0, 1] and s.used == 5 and s.free == 3
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): release() checks refs==0 only before "
-                   "subtracting, so naming one slot twice in one call when it holds a single "
-                   "reference is not refused and corrupts the books (refs wraps or `used` "
-                   "drifts from the number of slots in use)")
 def test_over_release_in_one_call_is_refused():
     s = Slots(4)
     s.alloc(1)

@@ -77,7 +77,10 @@ def parse_zap_done(buf: bytes) -> tuple[int, int, int]:
     """-> (result, ranges_done, error)."""
     if len(buf) != HDR.size + ZAP_DONE_BODY.size:
         raise ProtocolError(f"ZAP_DONE of {len(buf)} bytes")
-    return ZAP_DONE_BODY.unpack_from(buf, HDR.size)
+    result, done, error = ZAP_DONE_BODY.unpack_from(buf, HDR.size)
+    if done > MAX_ZAP_RANGES or error < 0:
+        raise ProtocolError(f"ZAP_DONE claims {done} ranges, error {error}")
+    return result, done, error
 
 
 def parse_region(buf: bytes) -> tuple[int, int]:
@@ -95,6 +98,8 @@ def pack_error(seq: int, err: int, text: str) -> bytes:
 
 
 def parse_error(buf: bytes) -> tuple[int, str]:
+    if len(buf) < HDR.size + ERROR_HEAD.size:
+        raise ProtocolError(f"ERROR of {len(buf)} bytes")
     err, n = ERROR_HEAD.unpack_from(buf, HDR.size)
     return err, buf[HDR.size + ERROR_HEAD.size:HDR.size + ERROR_HEAD.size + n].decode(
         errors="replace")
@@ -110,8 +115,8 @@ def pack_ctl(mtype: int, seq: int, obj) -> bytes:
 def parse_ctl(buf: bytes) -> dict:
     try:
         obj = json.loads(buf[HDR.size:].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"control message is not JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSON, UTF-8, 4300-digit ints, nesting
+        raise ProtocolError(f"control message is not usable JSON: {str(e)[:100]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("control message is not a JSON object")
     return obj

@@ -66,10 +66,10 @@ class Slots:
         slots = slots[slots >= 0]
         if not len(slots):
             return
-        if np.any(self.refs[slots] == 0):
-            raise ValueError("release of a free slot")
+        if np.any(self.refs[slots] == 0) or len(np.unique(slots)) != len(slots):
+            raise ValueError("release of a free slot, or of one slot twice in a call")
         self.refs[slots] -= 1
         freed = slots[self.refs[slots] == 0]
         if len(freed):
             self.used -= len(freed)
-            self._low = min(self._low, int(freed[0]))
+            self._low = min(self._low, int(freed.min()))

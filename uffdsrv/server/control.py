@@ -134,6 +134,10 @@ class Connection:
                 log.warning("pid %s: bad message: %s", self.pid, e)
                 self.send(protocol.pack_error(0, errno.EPROTO, str(e)))
                 self.close()
+            except Exception:  # a bug of ours must cost this peer, not the server
+                self.server.metrics.error("internal")
+                log.exception("pid %s: message handling failed; dropping the peer", self.pid)
+                self.close()
             finally:
                 for fd in fds:
                     os.close(fd)

@@ -55,11 +55,11 @@ class ReclaimPath:
                 excess = client.pages.count(RESIDENT) - keep_bytes // PAGE
                 if excess <= 0:
                     break
-                budget -= min(excess, BATCH_PAGES)
                 region, idx = policy.pick(client.pages, min(excess, BATCH_PAGES),
                                           client.reclaim_cursor)
                 if region is None:
                     break
+                budget -= len(idx)
                 client.reclaim_cursor = region.start + (int(idx[-1]) + 1) * PAGE
                 got = await self.batch(client, region, idx)
                 reclaimed += got
