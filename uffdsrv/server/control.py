@@ -180,12 +180,7 @@ class Connection:
                 raise ProtocolError("REGISTER on an agent connection")
             self.kind = "api"
             start, end = protocol.parse_region(data)
-            try:
-                self.server.api_region(self.pid, start, end, mtype == protocol.REGISTER)
-                self.send(protocol.pack(protocol.OK, seq))
-            except (LookupError, OSError, ValueError) as e:
-                self.send(protocol.pack_error(seq, getattr(e, "errno", None) or errno.EINVAL,
-                                              str(e)))
+            asyncio.ensure_future(self._region(seq, start, end, mtype == protocol.REGISTER))
         elif mtype == protocol.CTL:
             if self.kind not in (None, "ctl") or fds:
                 raise ProtocolError("CTL on an agent connection")
@@ -195,6 +190,15 @@ class Connection:
         else:
             raise ProtocolError(f"unexpected message type {mtype}")
         return fds
+
+    async def _region(self, seq: int, start: int, end: int, register: bool) -> None:
+        try:
+            await self.server.api_region(self.pid, start, end, register)
+            reply = protocol.pack(protocol.OK, seq)
+        except (LookupError, OSError, ValueError) as e:
+            reply = protocol.pack_error(seq, getattr(e, "errno", None) or errno.EINVAL, str(e))
+        if not self.closed:
+            self.send(reply)
 
     async def _ctl(self, seq: int, req: dict) -> None:
         try:

@@ -217,19 +217,35 @@ class Server:
             return
         client.pages.add(start, end, present)
 
-    def api_region(self, pid: int, start: int, end: int, register: bool) -> None:
+    async def api_region(self, pid: int, start: int, end: int, register: bool) -> None:
         client = self.by_pid(pid)
         if client is None:
             raise LookupError(f"pid {pid} has no agent connected")
-        if register:
-            if start < client.private[1] and client.private[0] < end:
-                raise ValueError("range overlaps the agent's own mapping")
-            for s, e in client.pages.gaps(start, end):
-                uffd.register(client.uffd, s, e - s, REGISTER_MODE)
-                client.pages.add(s, e, proc.pagemap_present(pid, s, (e - s) // PAGE))
-        else:
-            # put the pages back, then stop managing them
-            raise OSError(errno.EOPNOTSUPP, "unregister is not supported yet")
+        if not register:
+            await self.unmanage(client, start, end)
+            return
+        if start < client.private[1] and client.private[0] < end:
+            raise ValueError("range overlaps the agent's own mapping")
+        anon = maps.eligible(maps.parse(proc.read_maps(pid)), 0)
+        covered = sum(min(e, end) - max(s, start) for s, e in anon if s < end and start < e)
+        if covered != end - start:
+            raise ValueError(f"{start:#x}-{end:#x} is not all private anonymous writable memory")
+        for s, e in client.pages.gaps(start, end):
+            uffd.register(client.uffd, s, e - s, REGISTER_MODE)
+            client.pages.add(s, e, proc.pagemap_present(pid, s, (e - s) // PAGE))
+
+    async def unmanage(self, client: Client, start: int, end: int) -> None:
+        """Put the range's reclaimed pages back, then stop managing it."""
+        async with client.reclaim_lock:
+            await self.restore(client, start, end)
+            if client.closed:
+                return
+            for r, lo, hi in client.pages.overlapping(start, end):
+                try:
+                    uffd.unregister(client.uffd, r.start + lo * PAGE, (hi - lo) * PAGE)
+                except OSError as e:
+                    log.warning("pid %s: unregister: %s", client.pid, e)
+            client.pages.drop(start, end, self.swap.slots)
 
     # --- control requests ----------------------------------------------------------
     async def control_request(self, req: dict, conn) -> dict:
@@ -255,8 +271,8 @@ class Server:
                          "used_bytes": self.swap.slots.used * PAGE}}
 
     # --- putting pages back ------------------------------------------------------------
-    async def restore(self, client: Client) -> int:
-        """Fault every reclaimed page of the client back in."""
+    async def restore(self, client: Client, start: int = 0, end: int = 1 << 64) -> int:
+        """Put every reclaimed page of the client (in [start, end)) back."""
         buf = ffi.new("char[]", MAX_READAHEAD * PAGE)
         addr = int(ffi.cast("uintptr_t", buf))
         view = ffi.buffer(buf)
@@ -265,15 +281,15 @@ class Server:
             if client.closed:
                 break
             todo = False
-            for r in list(client.pages.regions):
-                idx = np.flatnonzero(r.state == SWAPPED)
-                todo = todo or bool(np.any(r.state == LOADING))
+            for r, lo, hi in client.pages.overlapping(start, end):
+                idx = np.flatnonzero(r.state[lo:hi] == SWAPPED) + lo
+                todo = todo or bool(np.any(r.state[lo:hi] == LOADING))
                 for i in idx.tolist():
                     if r.state[i] != SWAPPED:
                         continue
                     slot = int(r.slot[i])
                     k = 1
-                    while (k < MAX_READAHEAD and i + k < r.npages and r.state[i + k] == SWAPPED
+                    while (k < MAX_READAHEAD and i + k < hi and r.state[i + k] == SWAPPED
                            and r.slot[i + k] == slot + k):
                         k += 1
                     chunk = memoryview(view)[:k * PAGE]
