@@ -68,9 +68,11 @@ class Server:
             self.loop.add_signal_handler(sig, self.stopping.set)
         log.info("serving on %s, swap %s (%d MiB)", self.socket_path, self.swap.path,
                  self.swap.size >> 20)
+        rescans = asyncio.ensure_future(self._rescan_forever())
         try:
             await self.stopping.wait()
         finally:
+            rescans.cancel()
             await self.shutdown()
 
     async def shutdown(self) -> None:
@@ -206,6 +208,14 @@ class Server:
         for start, end in found:
             for s, e in client.pages.gaps(start, end):
                 self.manage(client, s, e)
+
+    async def _rescan_forever(self, interval: float = 1.0) -> None:
+        """Programs map new memory as they run: manage it as it appears."""
+        while True:
+            await asyncio.sleep(interval)
+            for c in list(self.clients.values()):
+                if c.auto_maps and not c.reclaim_lock.locked():
+                    await self.rescan(c)
 
     def manage(self, client: Client, start: int, end: int) -> None:
         try:
