@@ -50,6 +50,7 @@ int ufs_ring_writev(struct ufs_ring *r, int fd, const uint64_t *bufs, const uint
                     int n, uint64_t off, uint64_t user_data);
 int ufs_ring_cancel(struct ufs_ring *r, uint64_t target, uint64_t user_data);
 int ufs_ring_submit(struct ufs_ring *r);
+void ufs_ring_stats(struct ufs_ring *r, uint64_t *submits, uint64_t *entries);
 int ufs_ring_pending(struct ufs_ring *r);
 int ufs_ring_harvest(struct ufs_ring *r, uint64_t *user_data, int32_t *res, int max);
 int ufs_ring_wait(struct ufs_ring *r, unsigned nr);

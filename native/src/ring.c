@@ -11,6 +11,7 @@
 
 #define MAX_VECS 1024
 
+
 struct ufs_ring {
     struct io_uring ring;
     void *fixed_base;
@@ -20,7 +21,10 @@ struct ufs_ring {
      * vectored op in the current submission batch is enough. */
     struct iovec *vecs;
     unsigned vecs_used, vecs_cap;
+    uint64_t submits, entries; /* io_uring_enter calls that submitted, SQEs */
 };
+
+static int submit(struct ufs_ring *r);
 
 struct ufs_ring *ufs_ring_new(unsigned entries, int eventfd, int *err) {
     struct ufs_ring *r = calloc(1, sizeof *r);
@@ -65,7 +69,7 @@ int ufs_ring_register_buffer(struct ufs_ring *r, void *base, size_t len) {
 int ufs_ring_cancel(struct ufs_ring *r, uint64_t target, uint64_t user_data) {
     struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
     if (!sqe) {
-        io_uring_submit(&r->ring);
+        submit(r);
         sqe = io_uring_get_sqe(&r->ring);
     }
     if (!sqe) return -EBUSY;
@@ -74,10 +78,24 @@ int ufs_ring_cancel(struct ufs_ring *r, uint64_t target, uint64_t user_data) {
     return 0;
 }
 
-int ufs_ring_submit(struct ufs_ring *r) {
+static int submit(struct ufs_ring *r) {
     int n = io_uring_submit(&r->ring);
+    if (n > 0) {
+        r->submits++;
+        r->entries += n;
+    }
+    return n;
+}
+
+int ufs_ring_submit(struct ufs_ring *r) {
+    int n = submit(r);
     r->vecs_used = 0;
     return n;
+}
+
+void ufs_ring_stats(struct ufs_ring *r, uint64_t *submits, uint64_t *entries) {
+    *submits = r->submits;
+    *entries = r->entries;
 }
 
 static struct io_uring_sqe *get_sqe(struct ufs_ring *r) {
@@ -85,7 +103,7 @@ static struct io_uring_sqe *get_sqe(struct ufs_ring *r) {
     if (!sqe) {
         /* not ufs_ring_submit: iovecs taken for the op being prepared
          * must survive until their own SQE is submitted */
-        io_uring_submit(&r->ring);
+        submit(r);
         sqe = io_uring_get_sqe(&r->ring);
     }
     return sqe;

@@ -8,8 +8,9 @@ import os
 import select
 import threading
 
-from tests.conftest import kernel_missing
 from uffdsrv._native import ffi
+
+from tests.conftest import kernel_missing
 
 PAGE = 4096
 WAIT = 5.0  # seconds: the longest any test waits for something that should happen
@@ -63,7 +64,7 @@ class Worker(threading.Thread):
     def run(self):
         try:
             self.result = self.fn(*self.args)
-        except BaseException as e:  # noqa: BLE001 - reported by finish()
+        except BaseException as e:
             self.error = e
         finally:
             self.done.set()

@@ -21,6 +21,7 @@ event-loop turn submits them all (the flush is scheduled on first use).
 """
 import asyncio
 import itertools
+import logging
 import mmap
 import os
 
@@ -30,27 +31,33 @@ from .._native import ffi, lib
 from .errors import check
 from .uffd import _ptr, _u64
 
+log = logging.getLogger("uffdsrv.ring")
+
 
 class Ring:
     def __init__(self, entries: int = 1024, arena_bytes: int = 64 << 20):
+        self._r = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        err = ffi.new("int *")
-        self._r = lib.ufs_ring_new(entries, self.eventfd, err)
-        if self._r == ffi.NULL:
-            os.close(self.eventfd)
-            check(err[0], "io_uring_queue_init")
-        self.arena = mmap.mmap(-1, arena_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.arena_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.arena)))
-        check(lib.ufs_ring_register_buffer(self._r, ffi.cast("void *", self.arena_addr),
-                                           arena_bytes), "io_uring_register_buffers")
+        try:
+            err = ffi.new("int *")
+            r = lib.ufs_ring_new(entries, self.eventfd, err)
+            if r == ffi.NULL:
+                check(err[0], "io_uring_queue_init")
+            self._r = r
+            self.arena = mmap.mmap(-1, arena_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.arena_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.arena)))
+            check(lib.ufs_ring_register_buffer(self._r, ffi.cast("void *", self.arena_addr),
+                                               arena_bytes), "io_uring_register_buffers")
+        except BaseException:
+            self.close()
+            raise
         self._callbacks: dict[int, object] = {}
         self._ids = itertools.count(1)
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
         self._ud = np.zeros(512, dtype=np.uint64)
         self._res = np.zeros(512, dtype=np.int32)
-        self.submissions = 0
-        self.entries_submitted = 0
+        self._stats = ffi.new("uint64_t[2]")
 
     # --- lifecycle -------------------------------------------------------
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -60,14 +67,30 @@ class Ring:
     def close(self) -> None:
         if self._loop is not None:
             self._loop.remove_reader(self.eventfd)
+            self._loop = None
         if self._r is not None:
             lib.ufs_ring_free(self._r)
             self._r = None
-        os.close(self.eventfd)
+        if self.eventfd is not None:
+            os.close(self.eventfd)
+            self.eventfd = None
+
+    @property
+    def submissions(self) -> int:
+        """io_uring_enter calls that submitted something, since the start."""
+        lib.ufs_ring_stats(self._r, self._stats, self._stats + 1)
+        return self._stats[0]
+
+    @property
+    def entries_submitted(self) -> int:
+        lib.ufs_ring_stats(self._r, self._stats, self._stats + 1)
+        return self._stats[1]
 
     # --- submission ------------------------------------------------------
-    def _queued(self, ret: int, call: str, callback) -> int:
-        check(ret, call)
+    def _queued(self, ret: int, call: str, ud: int) -> int:
+        if ret < 0:
+            self._callbacks.pop(ud, None)  # refused: it will never complete
+            check(ret, call)
         if not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
@@ -80,11 +103,8 @@ class Ring:
 
     def flush(self) -> None:
         self._flush_scheduled = False
-        pending = lib.ufs_ring_pending(self._r)
-        if pending:
+        if lib.ufs_ring_pending(self._r):
             check(lib.ufs_ring_submit(self._r), "io_uring_submit")
-            self.submissions += 1
-            self.entries_submitted += pending
 
     def read(self, fd: int, addr: int, length: int, offset: int, callback) -> int:
         """Queue a read; callback(res) runs on harvest. Returns user_data."""
@@ -92,7 +112,7 @@ class Ring:
         fixed = self.arena_addr <= addr and addr + length <= self.arena_addr + len(self.arena)
         prep = lib.ufs_ring_read_fixed if fixed else lib.ufs_ring_read
         self._queued(prep(self._r, fd, ffi.cast("void *", addr), length, offset, ud),
-                     "io_uring read", callback)
+                     "io_uring read", ud)
         return ud
 
     def write(self, fd: int, addr: int, length: int, offset: int, callback) -> int:
@@ -100,14 +120,14 @@ class Ring:
         fixed = self.arena_addr <= addr and addr + length <= self.arena_addr + len(self.arena)
         prep = lib.ufs_ring_write_fixed if fixed else lib.ufs_ring_write
         self._queued(prep(self._r, fd, ffi.cast("void *", addr), length, offset, ud),
-                     "io_uring write", callback)
+                     "io_uring write", ud)
         return ud
 
     def readv(self, fd: int, addrs, lengths, offset: int, callback) -> int:
         ud = self._id(callback)
         a, n = _u64(addrs), _u64(lengths)
         self._queued(lib.ufs_ring_readv(self._r, fd, _ptr(a, "uint64_t *"), _ptr(n, "uint64_t *"),
-                                        len(a), offset, ud), "io_uring readv", callback)
+                                        len(a), offset, ud), "io_uring readv", ud)
         return ud
 
     def writev(self, fd: int, addrs, lengths, offset: int, callback) -> int:
@@ -115,13 +135,13 @@ class Ring:
         a, n = _u64(addrs), _u64(lengths)
         self._queued(lib.ufs_ring_writev(self._r, fd, _ptr(a, "uint64_t *"),
                                          _ptr(n, "uint64_t *"), len(a), offset, ud),
-                     "io_uring writev", callback)
+                     "io_uring writev", ud)
         return ud
 
     def cancel(self, target_ud: int) -> None:
         """Cancel a queued operation; its callback still runs, with -ECANCELED."""
         if target_ud in self._callbacks:
-            self._queued(lib.ufs_ring_cancel(self._r, target_ud, 0), "io_uring cancel", None)
+            self._queued(lib.ufs_ring_cancel(self._r, target_ud, 0), "io_uring cancel", 0)
 
     # --- completion ------------------------------------------------------
     def harvest(self) -> int:
@@ -140,7 +160,10 @@ class Ring:
             for ud, r in zip(uds, res):
                 cb = self._callbacks.pop(ud, None)
                 if cb is not None:
-                    cb(r)
+                    try:
+                        cb(r)
+                    except Exception:  # one broken callback must not lose the others
+                        log.exception("io_uring completion callback failed")
             done += n
 
     def wait(self, nr: int = 1) -> None:

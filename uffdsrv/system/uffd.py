@@ -108,6 +108,8 @@ def copy(fd: int, dst, src, length, mode: int = 0) -> tuple[int, np.ndarray]:
     holds bytes copied or -errno per entry; attempted < len(dst) means the
     batch stopped on EAGAIN and the rest was not tried."""
     dst, src, length = _u64(dst), _u64(src), _u64(length)
+    if not len(dst) == len(src) == len(length):
+        raise ValueError("copy: dst, src and length differ in size")
     result = np.zeros(len(dst), dtype=np.int64)
     n = lib.ufs_uffd_copy_batch(fd, _ptr(dst, "uint64_t *"), _ptr(src, "uint64_t *"),
                                 _ptr(length, "uint64_t *"), len(dst), mode,
@@ -118,6 +120,8 @@ def copy(fd: int, dst, src, length, mode: int = 0) -> tuple[int, np.ndarray]:
 def zeropage(fd: int, dst, length) -> tuple[int, np.ndarray]:
     """UFFDIO_ZEROPAGE each range; same contract as copy()."""
     dst, length = _u64(dst), _u64(length)
+    if len(dst) != len(length):
+        raise ValueError("zeropage: dst and length differ in size")
     result = np.zeros(len(dst), dtype=np.int64)
     n = lib.ufs_uffd_zeropage_batch(fd, _ptr(dst, "uint64_t *"), _ptr(length, "uint64_t *"),
                                     len(dst), _ptr(result, "int64_t *"))
