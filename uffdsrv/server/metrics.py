@@ -1,25 +1,72 @@
-"""Prometheus metrics. Names follow Prometheus conventions: uffdsrv_
-prefix, base units, counters ending in _total. Per-client gauges carry the
-pid only while that client lives."""
+"""Prometheus metrics.
+
+Names follow Prometheus conventions: the uffdsrv_ prefix, base units
+(seconds, bytes), counters ending in _total, no unbounded label values.
+
+Three kinds of figures:
+
+* counters and histograms the server updates as it works (faults, events,
+  reclaim, swap I/O, zaps, errors). Every label value a counter can take is
+  created at start, so each series exists from the first scrape and rate()
+  has data even for things that have not happened yet;
+* the fault service time, observed per batch of faults on the fault path:
+  a histogram of our own (_BatchHistogram) that adds n equal observations
+  with one bisect instead of n locked calls;
+* gauges and counters read at scrape time by collectors: the page maps
+  (per live client, labelled pid and comm, and in total; a client's series
+  vanish with it), the swap file, the ring's submission counters and the
+  machine's TLB shootdowns from /proc/interrupts.
+
+/metrics is served by prometheus-client's HTTP server on its own thread.
+A scrape reads the server's state without locks: lists are copied first,
+and a figure that changes under the scrape is off by one batch at most.
+Nothing on the fault path ever waits for a scrape.
+"""
+import bisect
 import collections
+import logging
+import threading
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .. import __version__
-from ..system import uffd
+from ..system import proc, uffd
+
+log = logging.getLogger("uffdsrv.metrics")
+PAGE = 4096
 
 EVENT_NAMES = {uffd.EVENT_PAGEFAULT: "pagefault", uffd.EVENT_FORK: "fork",
                uffd.EVENT_REMAP: "remap", uffd.EVENT_REMOVE: "remove",
                uffd.EVENT_UNMAP: "unmap"}
+# how a fault was served: zero page, read back from swap, write-protect
+# released; held until a reclaim batch settles, already loading (the COPY
+# on its way wakes it), or outside every managed region
+FAULT_KINDS = ("zero", "swap", "write_protect", "held", "loading", "unknown")
+SERVED_KINDS = ("zero", "swap", "write_protect")
+ERROR_KINDS = ("eagain", "uffd_read", "zeropage", "copy", "unprotect", "swap_read",
+               "swap_write", "swap_full", "writeprotect", "reclaim", "zap", "protocol",
+               "internal")
+FAULT_BUCKETS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
+                 .1, .5)
 
 
 class Metrics:
     def __init__(self):
+        disable_created_metrics()  # no *_created series: half the series, same information
         self.registry = r = CollectorRegistry()
         Info("uffdsrv_build", "Build information", registry=r).info({"version": __version__})
-        self.faults_total = Counter("uffdsrv_faults_total", "Faults served, by how",
+        self.faults_total = Counter("uffdsrv_faults_total",
+                                    "Faults taken on managed memory, by how they were served",
                                     ["kind"], registry=r)
         self.events_total = Counter("uffdsrv_uffd_events_total", "uffd messages read, by type",
                                     ["type"], registry=r)
@@ -30,43 +77,85 @@ class Metrics:
         self.swapped_in_pages = Counter("uffdsrv_swapped_in_pages_total",
                                         "Pages faulted back in from swap", registry=r)
         self.swap_written_bytes = Counter("uffdsrv_swap_written_bytes_total",
-                                    "Bytes written to the swap file", registry=r)
+                                          "Bytes written to the swap file", registry=r)
         self.swap_read_bytes = Counter("uffdsrv_swap_read_bytes_total",
-                                 "Bytes read from the swap file", registry=r)
+                                       "Bytes read from the swap file", registry=r)
         self.batch_seconds = Histogram("uffdsrv_reclaim_batch_duration_seconds",
-                                       "Reclaim batch duration", registry=r,
+                                       "Reclaim batch duration, write-protect to settled",
+                                       registry=r,
                                        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5,
                                                 1, 2.5))
-        self.zap_calls = Counter("uffdsrv_zap_calls_total", "Zap requests sent to agents",
+        self.zap_calls = Counter("uffdsrv_zap_calls_total",
+                                 "Zap calls asked of agents (one process_madvise each)",
                                  registry=r)
         self.zap_ranges = Counter("uffdsrv_zap_ranges_total", "Ranges zapped", registry=r)
         self.ranges_per_call = Histogram("uffdsrv_zap_ranges_per_call", "Ranges per zap call",
                                          registry=r,
-                                         buckets=(1, 2, 4, 8, 16, 64, 256, 1024))
+                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+        self.zap_seconds = Histogram("uffdsrv_zap_duration_seconds",
+                                     "Time from sending a batch's zap requests to every answer",
+                                     registry=r,
+                                     buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, .01, .025,
+                                              .05, .1, .25, 1))
         self.clients = Gauge("uffdsrv_clients", "Connected managed processes", registry=r)
+        self.fault_seconds = _BatchHistogram(
+            "uffdsrv_fault_duration_seconds",
+            "Fault service time, from reading the fault to resolving it, by how it was served",
+            "kind", SERVED_KINDS, FAULT_BUCKETS)
+        r.register(self.fault_seconds)
         self._server = None
-        self._fault_kinds = {}
+        self._fault_kinds = {k: self.faults_total.labels(k) for k in FAULT_KINDS}
+        self._event_types = {v: self.events_total.labels(n) for v, n in EVENT_NAMES.items()}
+        self._event_types[None] = self.events_total.labels("other")
+        self._error_kinds = {k: self.errors_total.labels(k) for k in ERROR_KINDS}
+        self._swap_started: dict[int, float] = {}  # fault buffer -> time its fault was read
+        self.http = None
         r.register(_StateCollector(self))
 
     def attach(self, server) -> None:
         self._server = server
 
     def serve(self, host: str, port: int) -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+        got = start_http_server(port, addr=host, registry=self.registry)
+        self.http = got[0] if isinstance(got, tuple) else None
+        log.info("metrics on http://%s:%d/metrics", host, port)
 
+    # --- the fault path ----------------------------------------------------
     def fault(self, kind: str) -> None:
         child = self._fault_kinds.get(kind)
         if child is None:
             child = self._fault_kinds[kind] = self.faults_total.labels(kind)
         child.inc()
 
+    def fault_served(self, kind: str, n: int, seconds: float) -> None:
+        """n faults of one batch served after `seconds`."""
+        if n > 0:
+            self.fault_seconds.observe(kind, seconds, n)
+
+    def swap_started(self, buf: int, t0: float) -> None:
+        """A swap-in read into fault buffer buf, for a fault read at t0."""
+        self._swap_started[buf] = t0
+
+    def swap_done(self, buf: int, now: float) -> None:
+        t0 = self._swap_started.pop(buf, None)
+        if t0 is not None:
+            self.fault_seconds.observe("swap", now - t0, 1)
+
     def events(self, ev: np.ndarray) -> None:
+        if len(ev) and (ev == uffd.EVENT_PAGEFAULT).all():
+            self._event_types[uffd.EVENT_PAGEFAULT].inc(len(ev))
+            return
         for v, c in collections.Counter(ev.tolist()).items():
-            self.events_total.labels(EVENT_NAMES.get(v, "other")).inc(c)
+            child = self._event_types.get(v) or self._event_types[None]
+            child.inc(c)
 
     def error(self, kind: str) -> None:
-        self.errors_total.labels(kind).inc()
+        child = self._error_kinds.get(kind)
+        if child is None:
+            child = self._error_kinds[kind] = self.errors_total.labels(kind)
+        child.inc()
 
+    # --- reclaim -------------------------------------------------------------
     def reclaimed(self, pages: int, seconds: float) -> None:
         self.reclaimed_pages.inc(pages)
         self.batch_seconds.observe(seconds)
@@ -85,30 +174,103 @@ class Metrics:
         self.zap_ranges.inc(ranges)
         for n in per_call:
             self.ranges_per_call.observe(n)
+        self.zap_seconds.observe(seconds)
+
+
+class _BatchHistogram:
+    """A labelled histogram for the fault path: observe(kind, v, n) adds n
+    observations of v with one bisect and no lock (the event loop is the
+    only writer; a scrape copies the counts, each a plain int)."""
+
+    def __init__(self, name: str, doc: str, label: str, values, buckets):
+        self.name, self.doc, self.label = name, doc, label
+        self.bounds = list(buckets)
+        self._counts = {v: [0] * (len(self.bounds) + 1) for v in values}
+        self._sums = dict.fromkeys(values, 0.0)
+
+    def observe(self, value: str, seconds: float, n: int = 1) -> None:
+        counts = self._counts.get(value)
+        if counts is None:
+            counts = self._counts[value] = [0] * (len(self.bounds) + 1)
+            self._sums[value] = 0.0
+        counts[bisect.bisect_left(self.bounds, seconds)] += n
+        self._sums[value] += seconds * n
+
+    def collect(self):
+        fam = HistogramMetricFamily(self.name, self.doc, labels=[self.label])
+        for value, counts in list(self._counts.items()):
+            counts = list(counts)
+            cum, buckets = 0, []
+            for bound, c in zip([*map(float, self.bounds), float("inf")], counts):
+                cum += c
+                buckets.append((_fmt(bound), cum))
+            fam.add_metric([value], buckets, self._sums.get(value, 0.0))
+        yield fam
+
+
+def _fmt(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
 
 
 class _StateCollector:
-    """Gauges read from the page maps at scrape time, so per-client series
-    disappear with their client."""
+    """Figures read at scrape time: the page maps (per live client and in
+    total), the swap file, the ring, and the machine's TLB shootdowns.
+    Per-client series exist only while their client does."""
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
+        self._lock = threading.Lock()
 
     def collect(self):
+        with self._lock:  # two scrapes at once would only repeat the work
+            yield from self._collect()
+
+    def _collect(self):
         server = self.metrics._server
         labels = ["pid", "comm"]
-        fams = {k: GaugeMetricFamily(f"uffdsrv_client_{k}_bytes", f"{k} managed bytes",
-                                     labels=labels)
-                for k in ("managed", "resident", "swapped")}
-        swap_size = GaugeMetricFamily("uffdsrv_swap_size_bytes", "Swap file size")
-        swap_used = GaugeMetricFamily("uffdsrv_swap_used_bytes", "Swap file bytes in use")
+        kinds = ("managed", "resident", "swapped")
+        what = {"managed": "Memory managed", "resident": "Managed memory resident",
+                "swapped": "Managed memory in the swap file"}
+        per_client = {k: GaugeMetricFamily(f"uffdsrv_client_{k}_bytes",
+                                           f"{what[k]}, per managed process", labels=labels)
+                      for k in kinds}
+        faults = CounterMetricFamily("uffdsrv_client_faults", "Faults read off the uffd, "
+                                     "per managed process", labels=labels)
+        totals = dict.fromkeys(kinds, 0)
         if server is not None:
             for c in list(server.clients.values()):
-                s = c.status()
-                for k, fam in fams.items():
-                    fam.add_metric([str(c.pid), s["comm"]], s[f"{k}_bytes"])
-            swap_size.add_metric([], server.swap.size)
-            swap_used.add_metric([], server.swap.slots.used * 4096)
-        yield from fams.values()
-        yield swap_size
-        yield swap_used
+                if c.closed:
+                    continue
+                try:
+                    s = c.status()
+                except Exception:  # the page map changed under us: next scrape
+                    continue
+                for k in kinds:
+                    totals[k] += s[f"{k}_bytes"]
+                if c.pid is not None:  # a forked child not yet named counts in the totals
+                    for k in kinds:
+                        per_client[k].add_metric([str(c.pid), str(s["comm"])], s[f"{k}_bytes"])
+                    faults.add_metric([str(c.pid), str(s["comm"])], s["faults_total"])
+        yield from per_client.values()
+        yield faults
+        for k in kinds:
+            yield GaugeMetricFamily(f"uffdsrv_{k}_bytes", f"{what[k]}, all processes",
+                                    value=totals[k])
+        if server is not None:
+            swap = server.swap
+            yield GaugeMetricFamily("uffdsrv_swap_size_bytes", "Swap file size", value=swap.size)
+            yield GaugeMetricFamily("uffdsrv_swap_used_bytes", "Swap file bytes in use",
+                                    value=swap.slots.used * PAGE)
+            ring = getattr(server, "ring", None)
+            if ring is not None:
+                yield CounterMetricFamily("uffdsrv_ring_submissions",
+                                          "io_uring_enter calls that submitted entries",
+                                          value=ring.submissions)
+                yield CounterMetricFamily("uffdsrv_ring_entries_submitted",
+                                          "io_uring entries submitted (reads, writes, cancels)",
+                                          value=ring.entries_submitted)
+        tlb = proc.tlb_shootdowns()
+        if tlb is not None:
+            yield CounterMetricFamily("uffdsrv_tlb_shootdowns",
+                                      "TLB shootdown interrupts on this machine, all CPUs and "
+                                      "all processes (/proc/interrupts)", value=tlb)
