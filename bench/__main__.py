@@ -1,0 +1,138 @@
+"""python -m bench {zap,reclaim,fault,all} [--quick] [--json FILE]
+
+What vectored process_madvise buys over madvise, and how uffdsrv's fault
+path compares with a minimal C handler and with the kernel's own swap; all
+in one run, on this machine. Needs root (userfaultfd, swapon, the server).
+
+Writes bench/results/results.json, results.md and *.png; `--json FILE`
+writes the JSON there too. A full `all` run also rewrites bench/RESULTS.md.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import procs, report, runs
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CAVEATS = """Read with care: (1) without memory pressure, pages that MADV_PAGEOUT wrote
+stay in the swap cache, so kernel swap-in below is a minor fault, not a read
+from the swap file: the kernel's best case. (2) On a KVM guest with
+paravirtual TLB flush, a flush aimed at a preempted vCPU is deferred without
+an IPI, so shootdown counts vary between runs; ratios within one run count.
+(3) The reclaim workload has every other page filled, so every reclaimed page
+is a range of its own (the worst case for zaps), and one thread busy.
+
+"""
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    return (f"{os.cpu_count()} CPUs ({model}), {ram:.1f} GiB RAM, Linux {platform.release()} "
+            f"{platform.machine()}, Python {platform.python_version()}")
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[2])
+    p.add_argument("which", choices=("zap", "reclaim", "fault", "all"))
+    p.add_argument("--quick", action="store_true", help="small sizes: under a minute")
+    p.add_argument("--json", metavar="FILE", help="also write the JSON here")
+    a = p.parse_args(argv)
+    console = Console(stderr=True)
+    if os.geteuid() != 0:
+        console.print("bench: needs root (userfaultfd, process_vm_readv, swapon)")
+        return 2
+    missing = [b for b in ("zapbench", "faulter", "refhandler", "libuffdsrv_agent.so")
+               if not (procs.BIN / b).exists()]
+    if missing:
+        console.print(f"bench: not built: {', '.join(missing)} (run make setup)")
+        return 2
+    which = {"zap", "reclaim", "fault"} if a.which == "all" else {a.which}
+    plan = runs.Plan.make(a.quick)
+    procs.install_signal_handlers()
+    started = datetime.datetime.now(datetime.UTC)
+    t0 = time.monotonic()
+    rows = []
+    cmd = "python -m bench " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    try:
+        with tempfile.TemporaryDirectory(prefix="uffdsrv-bench-") as tmp, Progress(
+                TextColumn("{task.description:<58}"), BarColumn(),
+                TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                console=console) as progress:
+            task = progress.add_task("starting", total=plan.steps(which))
+            first = [True]
+
+            def step(desc):
+                if not first[0]:
+                    progress.advance(task)
+                first[0] = False
+                progress.update(task, description=desc)
+            for name in ("zap", "reclaim", "fault"):
+                if name in which:
+                    for row in getattr(runs, name)(plan, Path(tmp), step):
+                        rows.append(row)
+            progress.advance(task)
+            progress.update(task, description="done")
+    except procs.BenchError as e:
+        console.print(f"bench: {e}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("bench: interrupted; cleaned up")
+        return 130
+    finally:
+        procs.cleanup()
+    meta = {"machine": machine(), "command": cmd, "quick": a.quick,
+            "started": started.isoformat(timespec="seconds"),
+            "seconds": time.monotonic() - t0, "kernel": platform.release(),
+            "cpus": os.cpu_count()}
+    rats = report.ratios(rows)
+    doc = {"meta": meta, "rows": [{k: _clean(v) for k, v in r.items()} for r in rows],
+           "ratios": [{k: _clean(v) for k, v in r.items()} for r in rats]}
+    RESULTS.mkdir(exist_ok=True)
+    text = json.dumps(doc, indent=1)
+    (RESULTS / "results.json").write_text(text)
+    if a.json:
+        Path(a.json).write_text(text)
+    md = report.markdown(rows, rats, meta)
+    (RESULTS / "results.md").write_text(md)
+    pngs = report.plots(rows, RESULTS)
+    if a.which == "all" and not a.quick:
+        (HERE / "RESULTS.md").write_text(
+            "# Benchmark results: latest full run\n\n"
+            "Written by `python -m bench all` (see README, Benchmarks). Plots of this run: "
+            + ", ".join(f"`bench/results/{p.name}`" for p in pngs) + " (not committed).\n\n"
+            + CAVEATS + md)
+    console.print(md, markup=False, highlight=False)
+    console.print(f"wrote {RESULTS}/results.json, results.md, "
+                  + ", ".join(p.name for p in pngs), markup=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
