@@ -16,6 +16,11 @@ WORKLOAD = ROOT / "uffdsrv" / "_bin" / "workload"
 PY = sys.executable
 
 
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true",
+                     help="run the soak test for 10 minutes instead of a short CI run")
+
+
 def kernel_missing() -> str | None:
     if os.geteuid() != 0:
         return "needs root (process_vm_readv, pidfd_getfd, /dev/userfaultfd)"

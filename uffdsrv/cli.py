@@ -4,6 +4,7 @@
     uffdsrv run     --socket PATH -- CMD [ARGS...]
     uffdsrv status  --socket PATH [--json]
     uffdsrv reclaim --socket PATH --pid PID [--keep-bytes N]
+    uffdsrv top     --socket PATH [--metrics-url URL] [--interval S] [--once]
 
 A user's mistake gets one line on stderr and a non-zero exit, never a
 traceback.
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--socket", default=DEFAULT_SOCKET)
     s.add_argument("--swap", required=True, help="swap file (created 0600) or block device")
     s.add_argument("--swap-size", type=parse_size, default=1 << 30)
+    s.add_argument("--state-dir", default=None,
+                   help="where the journal lives (default: the swap file's directory); "
+                        "a server restarted with the same one takes over every program")
     s.add_argument("--metrics-addr", type=parse_addr, default=None)
     s.add_argument("--min-region", type=parse_size, default=256 << 10,
                    help="smallest anonymous mapping managed automatically")
@@ -82,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--socket", default=DEFAULT_SOCKET)
     rc.add_argument("--pid", type=positive_int, required=True)
     rc.add_argument("--keep-bytes", type=parse_size, default=0)
+    tp = sub.add_parser("top", help="a live view of the server's figures")
+    tp.add_argument("--socket", default=DEFAULT_SOCKET)
+    tp.add_argument("--metrics-url", default=None,
+                    help="the server's /metrics (http://HOST:PORT/metrics or HOST:PORT)")
+    tp.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    tp.add_argument("--once", action="store_true", help="print one view and exit")
     return p
 
 
@@ -127,7 +137,7 @@ def cmd_serve(a) -> int:
                                              "pidfd_getfd need CAP_SYS_PTRACE")
     try:
         server = Server(a.socket, a.swap, a.swap_size, a.metrics_addr, a.min_region,
-                        a.zap_mode)
+                        a.zap_mode, state_dir=a.state_dir)
     except SwapError as e:
         raise UsageError(str(e)) from None
 
@@ -184,11 +194,18 @@ def cmd_reclaim(a) -> int:
     return 0
 
 
+def cmd_top(a) -> int:
+    from .top import run
+    if not a.interval > 0:
+        raise UsageError("uffdsrv top: --interval must be positive")
+    return run(a.socket, a.metrics_url, a.interval, a.once)
+
+
 def main(argv=None) -> int:
     try:
         a = build_parser().parse_args(argv)
         return {"serve": cmd_serve, "run": cmd_run, "status": cmd_status,
-                "reclaim": cmd_reclaim}[a.cmd](a)
+                "reclaim": cmd_reclaim, "top": cmd_top}[a.cmd](a)
     except UsageError as e:
         print(str(e) if str(e).startswith("uffdsrv") else f"uffdsrv: {e}", file=sys.stderr)
         return 2

@@ -159,7 +159,6 @@ enum pm_mode { PM_UNKNOWN, PM_SELF, PM_PIDFD };
  * region, above the thread's stack (which grows down towards a guard). */
 struct agent {
     int uffd;        /* our own uffd, or -1 (forked child that has none) */
-    int parent_uffd; /* child only: inherited, refers to the parent's mm */
     int sock;        /* control connection, -1 while reconnecting */
     int forked;      /* this process is a fork child of a managed one */
     unsigned flags;  /* HELLO flags chosen at start (AUTO_MAPS) */
@@ -588,7 +587,11 @@ static void atfork_child(void) {
     /* The parent's connection belongs to the parent. */
     if (st->sock >= 0) close(st->sock);
     st->sock = -1;
-    if (st->uffd >= 0) st->parent_uffd = st->uffd;
+    /* The inherited uffd is the parent's (the parent keeps its own copy).
+     * Close ours: a server taking over after a crash finds each process's
+     * uffd in /proc/PID/fd, and in a child that must be the child's own,
+     * which the server sends back with HELLO_OK. */
+    if (st->uffd >= 0) close(st->uffd);
     st->uffd = -1;
     st->forked = 1;
     /* A pidfd names the parent; PIDFD_SELF names whoever calls. */
@@ -669,7 +672,7 @@ static struct agent *map_private(char *why, size_t whylen) {
     size_t st_bytes = (sizeof(struct agent) + PAGE_SZ - 1) & ~(PAGE_SZ - 1);
     struct agent *st = (struct agent *)(region + REGION_BYTES - st_bytes);
     memset(st, 0, sizeof *st);
-    st->uffd = st->parent_uffd = st->sock = st->pidfd = -1;
+    st->uffd = st->sock = st->pidfd = -1;
     st->map_start = (uintptr_t)m;
     st->map_len = total;
     st->beacon = (uintptr_t)beacon;

@@ -221,3 +221,21 @@ def test_user_mistakes_get_one_line_and_nonzero_exit(args, needle):
 def test_reclaim_of_unknown_pid_is_an_error(server):
     r = uffdsrv("reclaim", "--socket", server.socket, "--pid", "999999", check=False)
     assert r.returncode != 0 and "not a managed process" in r.stderr
+
+
+def test_reclaim_of_a_sparse_heap_steps_over_swapped_and_empty_pages(server, workload):
+    """After a reclaim, every third page is written (faulted back); the next
+    reclaim protects and zaps across the swapped pages in between, and the
+    program's own DONTNEEDs leave empty holes to step over as well. The
+    pages stepped over must come back exactly."""
+    w = workload(mib=16)
+    w.cmd("fill 1")
+    server.reclaim(w.pid)
+    w.cmd("write 2 3")
+    w.cmd("dontneed 1000 1100")
+    used = server.status()["swap"]["used_bytes"]
+    server.reclaim(w.pid)
+    c = server.client(w.pid)
+    assert c["resident_bytes"] == 0, c
+    assert server.status()["swap"]["used_bytes"] > used
+    assert w.verify() == (w.npages, 0)

@@ -49,6 +49,22 @@ class Batch:
         keep = [pos[r.state[idx] == INFLIGHT] for r, idx, pos in self._located(pages)]
         return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 
+    def add_gaps(self, region: Region, gaps: np.ndarray) -> np.ndarray:
+        """Take the bridged gap pages into the batch before its zap: faults
+        on them wait for the batch like its own pages', and a swapped one's
+        slot is held by the batch until it settles (the REMOVE the zap
+        raises on it is expected and changes nothing). Returns their
+        positions in the batch."""
+        if not len(gaps):
+            return np.zeros(0, dtype=np.int64)
+        addrs = region.start + gaps.astype(np.int64) * PAGE
+        order = np.argsort(np.concatenate((self.addrs, addrs)), kind="stable")
+        self.addrs = np.concatenate((self.addrs, addrs))[order]
+        gap_slots = np.where(region.state[gaps] == SWAPPED, region.slot[gaps], -1)
+        self.slots = np.concatenate((self.slots, gap_slots))[order]
+        region.batch[gaps] = self.id
+        return np.flatnonzero(order >= len(order) - len(gaps))
+
     def set_slots(self, pages: PageMap, positions: np.ndarray, slots: np.ndarray) -> None:
         self.slots[positions] = slots
         for r, idx, pos in self._located(pages):
@@ -83,6 +99,27 @@ class Batch:
         slots.release(self.slots[~keep])
         self.slots[:] = -1
         return np.concatenate(unprotect) if unprotect else np.zeros(0, np.int64)
+
+
+def bridgeable_gaps(region: Region, idx: np.ndarray, max_gap: int) -> np.ndarray:
+    """Pages between the sorted pages idx that may go into the same range:
+    gaps of at most max_gap pages that hold nothing present (empty, or
+    swapped and not held by a batch). Write-protecting or zapping those
+    does nothing to them, and one range instead of many saves an ioctl, a
+    REMOVE round trip and a TLB flush each. Returns the gap pages."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if len(idx) < 2:
+        return np.zeros(0, dtype=np.int64)
+    lo, hi = int(idx[0]), int(idx[-1]) + 1
+    st, held = region.state[lo:hi], region.batch[lo:hi]
+    blocked = ~((st == EMPTY) | ((st == SWAPPED) & (held == 0)))
+    cs = np.concatenate(([0], np.cumsum(blocked)))
+    a, b = idx[:-1] - lo + 1, idx[1:] - lo  # gap i is [a, b)
+    gap = b - a
+    ok = (gap > 0) & (gap <= max_gap) & (cs[b] - cs[a] == 0)
+    if not ok.any():
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.arange(s, e) for s, e in zip(a[ok] + lo, b[ok] + lo)])
 
 
 def cancel_page(region: Region, idx: int) -> None:

@@ -37,8 +37,8 @@ def parse(text: str) -> list[Mapping]:
     return out
 
 
-def eligible(maps: list[Mapping], min_bytes: int,
-             exclude: list[tuple[int, int]] = ()) -> list[tuple[int, int]]:
+def eligible(maps: list[Mapping], min_bytes: int, exclude: list[tuple[int, int]] = (),
+             skip_thread_stacks: bool = True) -> list[tuple[int, int]]:
     """(start, end) of every mapping to manage."""
     out = []
     prev = None
@@ -48,7 +48,9 @@ def eligible(maps: list[Mapping], min_bytes: int,
         prev = m
         if m.perms[:2] != "rw" or m.perms[3] != "p" or m.inode != 0:
             continue
-        if m.name not in ("", "[heap]") or m.size < min_bytes or guarded_stack:
+        if m.name not in ("", "[heap]") or m.size < min_bytes:
+            continue
+        if guarded_stack and skip_thread_stacks:
             continue
         if any(s < m.end and m.start < e for s, e in exclude):
             continue

@@ -26,6 +26,7 @@ import bisect
 
 import numpy as np
 
+from .ranges import runs as _runs
 from .slots import Slots
 
 PAGE = 4096
@@ -165,10 +166,12 @@ class PageMap:
         for part in moved:
             self._insert(part)
 
-    def remove(self, start: int, end: int, slots: Slots) -> None:
+    def remove(self, start: int, end: int, slots: Slots) -> list[tuple[int, int]]:
         """A REMOVE event (MADV_DONTNEED/MADV_FREE): pages our pending zaps
         expect become swapped (or empty, for pages that were all zeros);
-        every other page is the program's own and reads back as zeros."""
+        every other page is the program's own and reads back as zeros.
+        Returns (address, npages) of the runs that no longer hold a slot."""
+        freed = []
         for r, lo, hi in self.overlapping(start, end):
             st, sl = r.state[lo:hi], r.slot[lo:hi]
             exp, batch = r.expect[lo:hi], r.batch[lo:hi]
@@ -178,10 +181,16 @@ class PageMap:
             st[landed & (sl >= 0)] = SWAPPED
             st[landed & (sl < 0)] = EMPTY
             theirs = ~ours
+            lost = np.flatnonzero(theirs & (st >= SWAPPED))
+            if len(lost):
+                first, count = _runs(lost)
+                freed += [(r.start + (lo + int(f)) * PAGE, int(c))
+                          for f, c in zip(first.tolist(), count.tolist())]
             slots.release(sl[theirs & _region_owned(r, lo, hi)])
             st[theirs] = EMPTY
             sl[theirs] = -1
             del batch  # batch-held pages keep their batch until it settles
+        return freed
 
     def fork(self, slots: Slots) -> "PageMap":
         """The child's page map at the moment of fork: what is resident or

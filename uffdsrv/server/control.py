@@ -155,7 +155,8 @@ class Connection:
             if not forked and not _is_uffd(fds[0]):
                 raise ProtocolError("the fd sent with HELLO is not a userfaultfd")
             try:
-                self.client = self.server.attach_agent(self, hello, None if forked else fds[0])
+                self.client, kept = self.server.attach_agent(self, hello,
+                                                             None if forked else fds[0])
             except (LookupError, OSError) as e:
                 self.send(protocol.pack_error(seq, getattr(e, "errno", None) or errno.ESRCH,
                                               str(e)))
@@ -170,7 +171,7 @@ class Connection:
                                           array.array("i", [self.client.uffd]))])
                 return fds
             self.send(ok)
-            return []
+            return fds[1:] if kept else fds
         if mtype == protocol.ZAP_DONE:
             if self.kind != "agent":
                 raise ProtocolError("ZAP_DONE from a connection that is not an agent")

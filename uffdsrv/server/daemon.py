@@ -16,7 +16,8 @@ import signal
 import numpy as np
 
 from .._native import ffi
-from ..core import maps, protocol
+from ..core import journal, maps, protocol
+from ..core.batch import Batch
 from ..core.pages import LOADING, PAGE, SWAPPED
 from ..system import proc, uffd
 from ..system.ring import Ring
@@ -25,7 +26,8 @@ from .faults import MAX_READAHEAD, FaultPath
 from .managed import AgentLink, Client
 from .metrics import Metrics
 from .reclaim import BATCH_PAGES, NoAgent, ReclaimPath
-from .swap import Pool, SwapFile
+from .state import COMPACT_BYTES, Journal, find_uffd, starttime
+from .swap import Pool, SwapError, SwapFile
 
 log = logging.getLogger("uffdsrv")
 FAULT_BUFFERS = 256
@@ -36,10 +38,17 @@ REGISTER_MODE = uffd.REGISTER_MODE_MISSING | uffd.REGISTER_MODE_WP
 class Server:
     def __init__(self, socket_path: str, swap_path: str, swap_size: int,
                  metrics_addr: tuple[str, int] | None = None, min_region: int = 256 << 10,
-                 zap_mode: str = "process_madvise", socket_mode: int = 0o600):
+                 zap_mode: str = "process_madvise", socket_mode: int = 0o600,
+                 state_dir: str | None = None):
         self.socket_path = socket_path
         self.socket_mode = socket_mode
         self.swap = SwapFile(swap_path, swap_size)
+        self.state_dir = state_dir or os.path.dirname(os.path.abspath(swap_path))
+        try:
+            self.journal = Journal(self.state_dir)
+        except OSError as e:
+            self.swap.close()
+            raise SwapError(f"cannot open the journal in {self.state_dir}: {e.strerror}") from None
         self.metrics_addr = metrics_addr
         self.min_region = min_region
         self.zap_flags = protocol.ZAP_MADVISE if zap_mode == "madvise" else 0
@@ -60,6 +69,7 @@ class Server:
         self.executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="copyout")
         self.faults = FaultPath(self)
         self.reclaimer = ReclaimPath(self)
+        await self.recover()
         self.control = ControlSocket(self, self.socket_path, self.socket_mode)
         self.control.start(self.loop)
         if self.metrics_addr:
@@ -86,6 +96,8 @@ class Server:
             restored += await self.restore(c)
             self.release(c, unregister=True)
         self.ring.harvest()
+        self.journal.rewrite(journal.snapshot(self._journaled()))
+        self.journal.close()
         self.executor.shutdown(wait=False)
         self.swap.close()
         log.info("stopped; %d pages put back", restored)
@@ -94,25 +106,35 @@ class Server:
     def by_pid(self, pid: int) -> Client | None:
         return next((c for c in self.clients.values() if c.pid == pid and not c.closed), None)
 
-    def attach_agent(self, conn, hello: dict, fd: int | None) -> Client:
+    def attach_agent(self, conn, hello: dict, fd: int | None) -> tuple[Client, bool]:
+        """A HELLO: a new process, a forked child, or an agent back after
+        losing its server. Returns the client and whether fd was kept."""
         pid = conn.pid
-        if fd is None:  # a forked child: its uffd came with the parent's FORK event
-            client = self.by_pid(pid)
-            if client is None:
+        known = self.by_pid(pid)
+        back = hello["flags"] & protocol.HELLO_RECONNECT
+        if fd is None or (back and known is not None):
+            # a forked child (its uffd came with the parent's FORK event),
+            # or an agent reconnecting to a server that already holds its uffd
+            if known is None:
                 raise LookupError(f"no forked child with pid {pid} is known")
+            client, kept = known, False
         else:
             if hello["features"] & uffd.REQUIRED_FEATURES != uffd.REQUIRED_FEATURES:
                 raise OSError(errno.EOPNOTSUPP, "the agent's uffd lacks required features")
-            old = self.by_pid(pid)
-            if old is not None:
+            if known is not None:
                 # the same pid with a new uffd: it exec'd, its old mm is gone
-                self.release(old)
-            client = Client(fd, pid)
+                self.release(known)
+            client, kept = Client(fd, pid), True
             client.pidfd = proc.pidfd_open(pid)
             self.loop.add_reader(client.pidfd, self.exited, client)
             client.private = hello["private"]
             client.beacon = hello["beacon"]
             client.auto_maps = bool(hello["flags"] & protocol.HELLO_AUTO_MAPS)
+            client.cid = self.journal.new_cid()
+            client.starttime = starttime(pid) or 0
+            self.journal.add(journal.CLIENT, client.cid, pid, client.starttime, client.flags)
+            self.journal.add(journal.AGENT, client.cid, *client.private, client.beacon)
+            self.journal.flush()
             self.clients[fd] = client
             try:
                 uffd.register(fd, client.beacon, PAGE, uffd.REGISTER_MODE_MISSING)
@@ -123,9 +145,11 @@ class Server:
             self.metrics.clients.inc()
             log.info("pid %d (%s) connected", pid, client.comm)
         client.agent = AgentLink(conn.sock, self.zap_flags)
+        if client.recovering:
+            self.settle_recovery(client)
         if client.auto_maps:
             asyncio.ensure_future(self.rescan(client))
-        return client
+        return client, kept
 
     def agent_lost(self, client: Client, conn) -> None:
         if client.agent is not None and client.agent.sock is conn.sock:
@@ -144,6 +168,8 @@ class Server:
         child.pages = parent.pages.fork(self.swap.slots)
         child.private, child.beacon = parent.private, parent.beacon
         child.auto_maps = parent.auto_maps
+        child.cid = self.journal.new_cid()
+        self.journal.add(journal.FORK, child.cid, child.cid, parent.cid)
         self.clients[fd] = child
         self.faults.start(child)
         self.metrics.clients.inc()
@@ -161,6 +187,9 @@ class Server:
         except OSError:
             return
         client.pid = pid
+        client.starttime = starttime(pid) or 0
+        self.journal.add(journal.BIND, client.cid, pid, client.starttime)
+        self.journal.flush()
         from .managed import read_comm
         client.comm = read_comm(pid)
         self.loop.add_reader(client.pidfd, self.exited, client)
@@ -189,6 +218,8 @@ class Server:
                 except OSError:
                     pass
         client.pages.release_all(self.swap.slots)
+        self.journal.add(journal.EXIT, client.cid)
+        self.journal.flush()
         client.close_fds()
         self.clients = {k: v for k, v in self.clients.items() if v is not client}
         self.metrics.clients.dec()
@@ -216,6 +247,9 @@ class Server:
             for c in list(self.clients.values()):
                 if c.auto_maps and not c.reclaim_lock.locked():
                     await self.rescan(c)
+            if (self.journal.size > COMPACT_BYTES
+                    and not any(c.batches for c in self.clients.values())):
+                self.journal.rewrite(journal.snapshot(self._journaled()))
 
     def manage(self, client: Client, start: int, end: int) -> None:
         try:
@@ -226,6 +260,8 @@ class Server:
                 log.warning("pid %s: cannot manage %#x-%#x: %s", client.pid, start, end, e)
             return
         client.pages.add(start, end, present)
+        self.journal.add(journal.REGION, client.cid, start, end)
+        self.journal.flush()
 
     async def api_region(self, pid: int, start: int, end: int, register: bool) -> None:
         client = self.by_pid(pid)
@@ -236,13 +272,17 @@ class Server:
             return
         if start < client.private[1] and client.private[0] < end:
             raise ValueError("range overlaps the agent's own mapping")
-        anon = maps.eligible(maps.parse(proc.read_maps(pid)), 0)
+        # what the program names explicitly may be anywhere in its private
+        # anonymous memory, even right above a guard page
+        anon = maps.eligible(maps.parse(proc.read_maps(pid)), 0, skip_thread_stacks=False)
         covered = sum(min(e, end) - max(s, start) for s, e in anon if s < end and start < e)
         if covered != end - start:
             raise ValueError(f"{start:#x}-{end:#x} is not all private anonymous writable memory")
         for s, e in client.pages.gaps(start, end):
             uffd.register(client.uffd, s, e - s, REGISTER_MODE)
             client.pages.add(s, e, proc.pagemap_present(pid, s, (e - s) // PAGE))
+            self.journal.add(journal.REGION, client.cid, s, e)
+        self.journal.flush()
 
     async def unmanage(self, client: Client, start: int, end: int) -> None:
         """Put the range's reclaimed pages back, then stop managing it."""
@@ -256,6 +296,110 @@ class Server:
                 except OSError as e:
                     log.warning("pid %s: unregister: %s", client.pid, e)
             client.pages.drop(start, end, self.swap.slots)
+            self.journal.add(journal.UNMAP, client.cid, start, end)
+            self.journal.flush()
+
+    # --- takeover after a crash ------------------------------------------------
+    def _journaled(self) -> list[Client]:
+        return [c for c in self.clients.values() if not c.closed and c.cid]
+
+    async def recover(self) -> None:
+        """Take over every program the journal says a previous server
+        managed: its uffd comes from the process itself (pidfd_getfd), its
+        page map from the journal, refined by what is present now."""
+        data = self.journal.read()
+        if not data:
+            return
+        recovered, slots = journal.replay(data, self.swap.slots.nslots)
+        self.swap.slots = slots
+        self.journal.next_cid = max([0, *recovered]) + 1
+        taken = 0
+        for rec in recovered.values():
+            client = self._take_over(rec)
+            if client is None:
+                rec.pages.release_all(slots)
+            else:
+                taken += 1
+        self.journal.rewrite(journal.snapshot(self._journaled()))
+        log.info("took over %d of %d programs from the journal; %d pages in swap",
+                 taken, len(recovered), slots.used)
+
+    def _take_over(self, rec) -> Client | None:
+        pid = rec.pid
+        if not pid or starttime(pid) != rec.starttime:
+            return None
+        num = find_uffd(pid)
+        if num is None:
+            log.error("pid %d: no uffd found to take over; its reclaimed pages wait", pid)
+            return None
+        try:
+            pidfd = proc.pidfd_open(pid)
+            fd = proc.pidfd_getfd(pidfd, num, pid)
+        except OSError as e:
+            log.error("pid %d: cannot take its uffd back: %s", pid, e)
+            return None
+        client = Client(fd, pid)
+        client.pidfd, client.cid, client.starttime = pidfd, rec.cid, rec.starttime
+        client.private, client.beacon = rec.private, rec.beacon
+        client.auto_maps = bool(rec.flags & protocol.HELLO_AUTO_MAPS)
+        client.pages = rec.pages
+        for r in client.pages.regions:
+            try:
+                present = proc.pagemap_present(pid, r.start, r.npages)
+            except OSError:
+                continue
+            r.state[present & (r.state == 0)] = 1  # EMPTY -> RESIDENT
+            # Recorded as swapped yet still present: the dead server's zap of
+            # these pages may still be on its way. Hold them as a batch whose
+            # zap was sent, until the agent is back (its zap thread then is
+            # idle) and the REMOVEs it raised have been read.
+            idx = np.flatnonzero(present & (r.state == SWAPPED))
+            if len(idx):
+                slots_of = r.slot[idx].copy()
+                b = Batch(r, idx)
+                b.slots[:] = slots_of
+                b.set_slots(client.pages, np.arange(len(idx)), slots_of)
+                b.expect_zap(client.pages, np.arange(len(idx)))
+                client.batches[b.id] = b
+                client.recovering.append(b)
+        self.clients[fd] = client
+        self.loop.add_reader(pidfd, self.exited, client)
+        self.faults.start(client)
+        self.metrics.clients.inc()
+        # Faults the dead server had read but not served wait for a wake;
+        # woken, they fault again and reach us.
+        ranges = [(r.start, r.npages * PAGE) for r in client.pages.regions]
+        if client.beacon:
+            ranges.append((client.beacon, PAGE))
+        for start, length in ranges:
+            try:
+                uffd.wake(fd, [start], [length])
+            except OSError:
+                pass
+        log.info("pid %d (%s): taken over, %d pages in swap", pid, client.comm,
+                 client.pages.count(SWAPPED))
+        return client
+
+    def settle_recovery(self, client: Client) -> None:
+        """The agent is back, so no zap of the dead server is still running,
+        and the REMOVEs it raised were read before it could finish."""
+        self.ring.harvest()
+        for b in client.recovering:
+            zapped = b.addrs.copy()
+            self.reclaimer._journal_unswapped(client, zapped)
+            unprotect = b.settle(client.pages, self.swap.slots)
+            if len(unprotect):
+                us, ul = self.reclaimer._ranges(unprotect)
+                try:
+                    uffd.writeprotect(client.uffd, us, ul, False)
+                except OSError as e:
+                    log.debug("unprotect for pid %s: %s", client.pid, e)
+            client.batches.pop(b.id, None)
+            if b.held:
+                held = np.unique(np.array(b.held, dtype=np.int64))
+                self.faults.serve(client, held, np.zeros(len(held), np.int64),
+                                  np.zeros(len(held), np.int64))
+        client.recovering = []
 
     # --- control requests ----------------------------------------------------------
     async def control_request(self, req: dict, conn) -> dict:
@@ -310,6 +454,7 @@ class Server:
                     got = int(res[0]) if n else -errno.EAGAIN
                     done = k if got == -errno.EEXIST else max(got, 0) // PAGE
                     if done:
+                        self.journal.add(journal.FREE, client.cid, r.start + i * PAGE, done)
                         self.swap.slots.release(r.slot[i:i + done])
                         r.slot[i:i + done] = -1
                         r.state[i:i + done] = 1
@@ -318,6 +463,7 @@ class Server:
                         todo = True
                         if got == -errno.ESRCH:
                             return restored
+            self.journal.flush()
             if not todo:
                 break
             self.ring.harvest()

@@ -12,10 +12,12 @@ loop, after the ring has delivered the event. Never sleep on it.
 """
 import errno
 import logging
+import time
 
 import numpy as np
 
 from .._native import ffi
+from ..core import journal
 from ..core.batch import cancel_page
 from ..core.pages import EMPTY, INFLIGHT, LOADING, PAGE, RESIDENT, SWAPPED
 from ..system import proc, uffd
@@ -33,6 +35,7 @@ class FaultPath:
         self.ring = server.ring
         self.swap = server.swap
         self.metrics = server.metrics
+        self.t_read = time.monotonic()  # when the batch being handled was read
 
     # --- reading the uffd ----------------------------------------------------
     def start(self, client: Client) -> None:
@@ -72,17 +75,22 @@ class FaultPath:
     def handle(self, client: Client, msgs: np.ndarray) -> None:
         ev = msgs["event"]
         self.metrics.events(ev)
-        pages, slots = client.pages, self.swap.slots
+        self.t_read = time.monotonic()
+        pages, slots, jr = client.pages, self.swap.slots, self.server.journal
         for m in msgs[ev != uffd.EVENT_PAGEFAULT]:
             e, a0, a1, a2 = int(m["event"]), int(m["a0"]), int(m["a1"]), int(m["a2"])
             if e == uffd.EVENT_REMOVE:
-                pages.remove(a0, a1, slots)
+                for addr, n in pages.remove(a0, a1, slots):
+                    jr.add(journal.FREE, client.cid, addr, n)
             elif e == uffd.EVENT_UNMAP:
                 pages.drop(a0, a1, slots)
+                jr.add(journal.UNMAP, client.cid, a0, a1)
             elif e == uffd.EVENT_REMAP:
                 pages.remap(a0, a1, a2, slots)
+                jr.add(journal.REMAP, client.cid, a0, a1, a2)
             elif e == uffd.EVENT_FORK:
                 self.server.forked(client, a0 & 0xFFFFFFFF)
+        jr.flush()
         faults = msgs[ev == uffd.EVENT_PAGEFAULT]
         if len(faults):
             client.faults_total += len(faults)
@@ -134,6 +142,7 @@ class FaultPath:
             u = np.array(unprotect, dtype=np.uint64)
             try:
                 uffd.writeprotect(client.uffd, u, np.full(len(u), PAGE, np.uint64), False)
+                self.metrics.fault_served("write_protect", len(u), time.monotonic() - self.t_read)
             except OSError as e:
                 self._gone_or_log(client, e, "unprotect")
         if zero:
@@ -147,6 +156,7 @@ class FaultPath:
     def zero_fill(self, client: Client, addrs: np.ndarray) -> None:
         addrs = np.unique(addrs)
         n, res = uffd.zeropage(client.uffd, addrs, np.full(len(addrs), PAGE, np.uint64))
+        self.metrics.fault_served("zero", n, time.monotonic() - self.t_read)
         pages = client.pages
         for addr, r_ in zip(addrs[:n].tolist(), res[:n].tolist()):
             if r_ > 0 or r_ == -errno.EEXIST:
@@ -207,6 +217,7 @@ class FaultPath:
         slots = r.slot[i:i + k].copy()
         self.swap.slots.ref(slots)  # pinned while the read is in flight
         self.metrics.fault("swap")
+        self.metrics.swap_started(buf, self.t_read)
         self.ring.read(self.swap.fd, buf, k * PAGE, slot0 * PAGE,
                        lambda res: self._loaded(client, r.start + i * PAGE, slots, buf, res))
 
@@ -224,6 +235,7 @@ class FaultPath:
                 return
             self.server.metrics.swap_read(k * PAGE)
             self._copy(client, start, slots, buf)
+            self.metrics.swap_done(buf, time.monotonic())
         finally:
             self.swap.slots.release(slots)
             self.server.fault_pool.release(buf)
@@ -251,6 +263,7 @@ class FaultPath:
             n, res = uffd.copy(client.uffd, (start,), (buf,), (PAGE,))
             got = int(res[0]) if n else -errno.EAGAIN
             if got == PAGE or got == -errno.EEXIST:
+                self.server.journal.add(journal.FREE, client.cid, start, 1)
                 self.swap.slots.release(int(r.slot[i]))
                 r.slot[i] = -1
                 r.state[i] = RESIDENT
@@ -268,6 +281,7 @@ class FaultPath:
             done = ln if got == ln * PAGE or got == -errno.EEXIST else max(got, 0) // PAGE
             if done:
                 idx = slice(i + f, i + f + done)
+                self.server.journal.add(journal.FREE, client.cid, start + f * PAGE, done)
                 self.swap.slots.release(r.slot[idx])
                 r.slot[idx] = -1
                 r.state[idx] = RESIDENT

@@ -63,10 +63,17 @@ class Client:
         self.reclaim_lock = asyncio.Lock()
         self.reclaim_cursor = 0
         self.closed = False
+        self.cid = 0  # the journal's name for this client
+        self.starttime = 0
+        self.recovering: list = []  # batches whose zap a dead server may have sent
         self.faults_total = 0
         self.readahead: dict[int, tuple[int, int]] = {}  # tid -> (next address, window)
         if pid is not None:
             self.comm = read_comm(pid)
+
+    @property
+    def flags(self) -> int:
+        return protocol.HELLO_AUTO_MAPS if self.auto_maps else 0
 
     def __repr__(self):
         return f"Client(pid={self.pid}, uffd={self.uffd})"

@@ -21,15 +21,26 @@ class SwapFile:
     def __init__(self, path: str, size: int):
         if size < PAGE * 16:
             raise SwapError(f"swap size {size} is too small (at least {PAGE * 16} bytes)")
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        # A new file is created 0600 with O_EXCL; an existing one (a restart
+        # reuses it) must be ours and private. Never through a symlink.
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            self.fd = os.open(path, flags, 0o600)
+            try:
+                self.fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                self.fd = os.open(path, flags)
         except OSError as e:
             raise SwapError(f"cannot open swap file {path}: {e.strerror}") from None
         st = os.fstat(self.fd)
         if stat.S_ISREG(st.st_mode):
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                os.close(self.fd)
+                raise SwapError(f"swap file {path} belongs to another user or is writable "
+                                "by others")
             if st.st_mode & 0o077:
                 os.fchmod(self.fd, 0o600)
+            if st.st_size > size:
+                size = st.st_size  # never cut off slots a journal may name
             os.ftruncate(self.fd, size)
         elif stat.S_ISBLK(st.st_mode):
             size = min(size, os.lseek(self.fd, 0, os.SEEK_END))

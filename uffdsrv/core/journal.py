@@ -1,0 +1,147 @@
+"""The journal: what a restarted server needs to find every reclaimed page.
+
+While a page is reclaimed the only copy of its bytes is in the swap file;
+the page map saying which slot holds it must outlive the server. Records
+are appended with write(2) (the kernel's page cache outlives a killed
+server; a machine crash takes the managed programs with it, so nothing
+needs fsync):
+
+  CLIENT  cid pid starttime flags   a process with an agent (starttime
+                                    tells a reused pid apart)
+  AGENT   cid private_end beacon    its agent's mapping (start in `a`)
+  FORK    child parent              the child's map is the parent's, now
+  BIND    cid pid starttime         a forked child's pid, once known
+  EXIT    cid                       the process is gone: free its slots
+  REGION  cid start end             a managed range
+  SWAP    cid addr npages slot0     these pages' bytes are in these slots;
+                                    written *before* the zap is sent
+  FREE    cid addr npages           these pages no longer hold a slot
+  UNMAP   cid start end
+  REMAP   cid from to len
+
+Replay runs the records through the same PageMap functions the server
+uses, so the two cannot disagree about what an event means. The result is
+refined with the truth at takeover: a page recorded SWAP that is present
+in the process was not zapped (yet).
+"""
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .pages import EMPTY, PAGE, SWAPPED, PageMap
+from .slots import Slots
+
+REC = struct.Struct("<BxxxIQQQ")  # 32 bytes
+CLIENT, AGENT, FORK, BIND, EXIT, REGION, SWAP, FREE, UNMAP, REMAP = range(1, 11)
+
+
+@dataclass
+class Recovered:
+    cid: int
+    pid: int = 0
+    starttime: int = 0
+    flags: int = 0
+    private: tuple[int, int] = (0, 0)
+    beacon: int = 0
+    pages: PageMap = field(default_factory=PageMap)
+
+
+def pack(op: int, cid: int, a: int = 0, b: int = 0, c: int = 0) -> bytes:
+    return REC.pack(op, cid, a, b, c)
+
+
+def replay(data: bytes, nslots: int) -> tuple[dict[int, Recovered], Slots]:
+    """Rebuild the page maps of the clients still alive at the end of the
+    journal, and the slot references they hold."""
+    slots = Slots(nslots)
+    clients: dict[int, Recovered] = {}
+    n = len(data) // REC.size  # a torn last record is ignored
+    for op, cid, a, b, c in REC.iter_unpack(data[:n * REC.size]):
+        if op == CLIENT:
+            old = clients.pop(cid, None)
+            if old is not None:
+                old.pages.release_all(slots)
+            clients[cid] = Recovered(cid, a, b, c)
+            continue
+        if op == FORK:
+            parent = clients.get(b)
+            child = clients[a] = Recovered(a)
+            if parent is not None:
+                child.pages = parent.pages.fork(slots)
+                child.flags, child.private, child.beacon = (parent.flags, parent.private,
+                                                            parent.beacon)
+            continue
+        r = clients.get(cid)
+        if r is None:
+            continue
+        if op == AGENT:
+            r.private, r.beacon = (a, b), c
+        elif op == BIND:
+            r.pid, r.starttime = a, b
+        elif op == EXIT:
+            r.pages.release_all(slots)
+            del clients[cid]
+        elif op == REGION:
+            for s, e in r.pages.gaps(a, b):
+                r.pages.add(s, e)
+        elif op == SWAP:
+            _swap(r.pages, slots, a, b, c)
+        elif op == FREE:
+            _free(r.pages, slots, a, a + b * PAGE)
+        elif op == UNMAP:
+            r.pages.drop(a, b, slots)
+        elif op == REMAP:
+            r.pages.remap(a, b, c, slots)
+    return clients, slots
+
+
+def _swap(pages: PageMap, slots: Slots, addr: int, npages: int, slot0: int) -> None:
+    _free(pages, slots, addr, addr + npages * PAGE)
+    for r, lo, hi in pages.overlapping(addr, addr + npages * PAGE):
+        first = slot0 + (r.start + lo * PAGE - addr) // PAGE
+        got = np.arange(first, first + hi - lo, dtype=np.int64)
+        got = got[got < slots.nslots]
+        k = len(got)
+        r.state[lo:lo + k] = SWAPPED
+        r.slot[lo:lo + k] = got
+        fresh = slots.refs[got] == 0
+        slots.refs[got] += 1
+        slots.used += int(np.count_nonzero(fresh))
+
+
+def _free(pages: PageMap, slots: Slots, start: int, end: int) -> None:
+    for r, lo, hi in pages.overlapping(start, end):
+        st = r.state[lo:hi]
+        held = st == SWAPPED
+        slots.release(r.slot[lo:hi][held])
+        st[held] = EMPTY
+        r.slot[lo:hi][held] = -1
+
+
+def snapshot(clients) -> bytes:
+    """Records that rebuild the given live state (server Clients or
+    Recovered), for compaction."""
+    out = []
+    for c in clients:
+        out.append(pack(CLIENT, c.cid, c.pid or 0, c.starttime, c.flags))
+        out.append(pack(AGENT, c.cid, c.private[0], c.private[1], c.beacon))
+        for r in c.pages.regions:
+            out.append(pack(REGION, c.cid, r.start, r.end))
+            idx = np.flatnonzero(r.state >= SWAPPED)
+            out.extend(swap_records(c.cid, r.start + idx * PAGE, r.slot[idx]))
+    return b"".join(out)
+
+
+def swap_records(cid: int, addrs, slots) -> list[bytes]:
+    """SWAP records for pages at `addrs` held in `slots`, one per run that
+    is adjacent in both address and slot."""
+    addrs = np.asarray(addrs, dtype=np.int64)
+    slots = np.asarray(slots, dtype=np.int64)
+    if not len(addrs):
+        return []
+    breaks = np.flatnonzero((np.diff(addrs) != PAGE) | (np.diff(slots) != 1)) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(addrs)]))
+    return [pack(SWAP, cid, int(addrs[s]), int(e - s), int(slots[s]))
+            for s, e in zip(starts.tolist(), ends.tolist())]
