@@ -1,8 +1,9 @@
-"""python -m bench {zap,reclaim,fault,all} [--quick] [--json FILE]
+"""python -m bench {zap,reclaim,fault,policy,all} [--quick] [--json FILE]
 
-What vectored process_madvise buys over madvise, and how uffdsrv's fault
-path compares with a minimal C handler and with the kernel's own swap; all
-in one run, on this machine. Needs root (userfaultfd, swapon, the server).
+What vectored process_madvise buys over madvise, how uffdsrv's fault path
+compares with a minimal C handler and with the kernel's own swap, and which
+pages each reclaim policy keeps under a budget; all in one run, on this
+machine. Needs root (userfaultfd, swapon, the server).
 
 Writes bench/results/results.json, results.md and *.png; `--json FILE`
 writes the JSON there too. A full `all` run also rewrites bench/RESULTS.md.
@@ -24,6 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import procs, report, runs
 
+BENCHES = ("zap", "reclaim", "fault", "policy")
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 CAVEATS = """Read with care: (1) without memory pressure, pages that MADV_PAGEOUT wrote
@@ -60,7 +62,7 @@ def _clean(v):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[2])
-    p.add_argument("which", choices=("zap", "reclaim", "fault", "all"))
+    p.add_argument("which", choices=("zap", "reclaim", "fault", "policy", "all"))
     p.add_argument("--quick", action="store_true", help="small sizes: under a minute")
     p.add_argument("--json", metavar="FILE", help="also write the JSON here")
     a = p.parse_args(argv)
@@ -68,12 +70,13 @@ def main(argv=None) -> int:
     if os.geteuid() != 0:
         console.print("bench: needs root (userfaultfd, process_vm_readv, swapon)")
         return 2
-    missing = [b for b in ("zapbench", "faulter", "refhandler", "libuffdsrv_agent.so")
+    missing = [b for b in ("zapbench", "faulter", "refhandler", "policyload",
+                           "libuffdsrv_agent.so")
                if not (procs.BIN / b).exists()]
     if missing:
         console.print(f"bench: not built: {', '.join(missing)} (run make setup)")
         return 2
-    which = {"zap", "reclaim", "fault"} if a.which == "all" else {a.which}
+    which = set(BENCHES) if a.which == "all" else {a.which}
     plan = runs.Plan.make(a.quick)
     procs.install_signal_handlers()
     started = datetime.datetime.now(datetime.UTC)
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
                     progress.advance(task)
                 first[0] = False
                 progress.update(task, description=desc)
-            for name in ("zap", "reclaim", "fault"):
+            for name in BENCHES:
                 if name in which:
                     for row in getattr(runs, name)(plan, Path(tmp), step):
                         rows.append(row)

@@ -110,13 +110,16 @@ def cpu_seconds(pid: int, skip_comm: str = "faulter-busy") -> float:
 class Server:
     """`python -m uffdsrv serve`, its socket and swap file in tmp."""
 
-    def __init__(self, tmp: Path, swap_bytes: int, zap_mode: str = "process_madvise"):
+    def __init__(self, tmp: Path, swap_bytes: int, zap_mode: str = "process_madvise",
+                 policy: str | None = None):
         self.dir = Path(tempfile.mkdtemp(prefix="server-", dir=tmp))
         self.socket = str(self.dir / "uffdsrv.sock")
         self.log = self.dir / "server.log"
         self.args = ["serve", "--socket", self.socket, "--swap", str(self.dir / "swap"),
                      "--swap-size", str(swap_bytes), "--zap-mode", zap_mode,
                      "--log-level", "warning"]
+        if policy:
+            self.args += ["--policy", policy]
         self.proc = None
 
     def __enter__(self):
@@ -159,6 +162,28 @@ class Server:
     def reclaim(self, pid: int) -> int:
         return request(self.socket, {"cmd": "reclaim", "pid": pid, "keep_bytes": 0},
                        timeout=600)["reclaimed_bytes"]
+
+    def client(self, pid: int) -> dict:
+        """The client's entry of `status --json`."""
+        for c in self.status()["clients"]:
+            if c["pid"] == pid:
+                return c
+        raise BenchError(f"pid {pid} is not a client of the server")
+
+    def limit(self, pid: int, nbytes: int | None) -> None:
+        """`uffdsrv limit --pid PID --bytes N`: the budget the server holds it at."""
+        request(self.socket, {"cmd": "limit", "pid": pid, "bytes": nbytes}, timeout=30)
+
+    def wait_for(self, pid: int, what: str, ok, timeout: float = 30) -> dict:
+        """Polls the client's status until ok(status) holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            c = self.client(pid)
+            if ok(c):
+                return c
+            if time.monotonic() > deadline:
+                raise BenchError(f"pid {pid}: {what} not reached in {timeout:.0f} s: {c}")
+            time.sleep(0.05)
 
 
 class Faulter:
@@ -214,6 +239,64 @@ class Faulter:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc in STARTED:
+            STARTED.remove(self.proc)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class PolicyLoad:
+    """native/bench/policyload.c under the agent: fills its pages, says
+    `ready`, then runs its warm-up and its measured accesses, one stdin line
+    each."""
+
+    def __init__(self, socket: str, mib: int, pattern: str, accesses: int, warmup: int,
+                 seed: int, write_fraction: float = 0.1):
+        cmd = [PY, "-m", "uffdsrv", "run", "--socket", socket, "--",
+               str(BIN / "policyload"), "--mib", str(mib), "--pattern", pattern,
+               "--accesses", str(accesses), "--warmup", str(warmup), "--seed", str(seed),
+               "--write-fraction", str(write_fraction)]
+        self.proc = popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+        ready = self._line("ready")
+        self.addr, self.npages = int(ready[0], 16), int(ready[1])
+        self.pid = self.proc.pid
+
+    def _line(self, want: str) -> list[str]:
+        out = self.proc.stdout.readline().split()
+        if not out or out[0] != want:
+            err = self.proc.stderr.read() if self.proc.poll() is not None else ""
+            raise BenchError(f"policyload: wanted {want!r}, got {' '.join(out)!r} {err}")
+        return out[1:]
+
+    def go(self, want: str) -> list[str]:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return self._line(want)
+
+    def warm(self) -> dict:
+        o = self.go("warm")
+        return {"seconds": float(o[0]), "accesses": int(o[1]), "mismatches": int(o[2])}
+
+    def run(self) -> dict:
+        o = self.go("done")
+        return {"seconds": float(o[0]), "accesses": int(o[1]), "checksum": int(o[2]),
+                "mismatches": int(o[3])}
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                self.proc.stdin.write("exit\n")
+                self.proc.stdin.flush()
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                stop(self.proc)
         if self.proc in STARTED:
             STARTED.remove(self.proc)
 

@@ -1,20 +1,35 @@
-"""The three benchmarks. Each yields rows, one measurement each:
+"""The four benchmarks. Each yields rows, one measurement each:
 
-    {"bench": "zap"|"reclaim"|"fault", "method": str, "threads": int, ...}
+    {"bench": "zap"|"reclaim"|"fault"|"policy", "method": str, "threads": int, ...}
 
 and calls `step(description)` as it goes, for the progress display.
 """
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from uffdsrv.system.proc import tlb_shootdowns
 
-from .procs import GIB, MIB, PAGE, Faulter, KernelSwap, Server, cpu_seconds, zapbench
+from .procs import (
+    GIB,
+    MIB,
+    PAGE,
+    BenchError,
+    Faulter,
+    KernelSwap,
+    PolicyLoad,
+    Server,
+    cpu_seconds,
+    zapbench,
+)
 
 VLENS = (1, 8, 64, 256, 1024)
 MEMORIES = ("anon", "uffd", "uffd+remove")
+POLICIES = ("coldest", "fifo", "random")
+POLICY_PATTERNS = ("zipf", "seq")
+BUDGET_FRACTION = 0.25
+POLICY_SEED = 42
 BUSY = 1  # busy threads in the reclaimed workload
 
 
@@ -28,11 +43,17 @@ class Plan:
     fault_reps: int = 3
     patterns: tuple = ("seq", "random")
     fault_threads: tuple = (1, 4)
+    policy_mib: int = 128
+    # accesses per pattern: a warm-up (not counted), then the measured run
+    policy_accesses: dict = field(default_factory=lambda: {"zipf": 200_000, "seq": 2 * 32768})
+    policy_warmup: dict = field(default_factory=lambda: {"zipf": 50_000, "seq": 8192})
 
     @classmethod
     def make(cls, quick: bool) -> "Plan":
         if quick:
-            return cls(quick=True, zap_rounds=6, reclaim_mib=32, fault_mib=16, fault_reps=1)
+            return cls(quick=True, zap_rounds=6, reclaim_mib=32, fault_mib=16, fault_reps=1,
+                       policy_mib=32, policy_accesses={"zipf": 25_000, "seq": 8192},
+                       policy_warmup={"zipf": 5_000, "seq": 2048})
         return cls(quick=False)
 
     def busy_counts(self) -> list[int]:
@@ -50,6 +71,8 @@ class Plan:
             n += 3 * 2
         if "fault" in which:
             n += 3 * len(self.patterns) * len(self.fault_threads) * self.fault_reps
+        if "policy" in which:
+            n += len(POLICIES) * len(POLICY_PATTERNS)
         return n
 
 
@@ -176,3 +199,61 @@ def fault(plan: Plan, tmp: Path, step):
             # swap cache: its fault-in is a minor fault, no read. Say how many.
             return {"reclaimed_pages": swapped, "still_in_swap_cache": cached}
         yield from rows("kernel-swap", f, pageout)
+
+
+# ---- policy ---------------------------------------------------------------------------
+
+def policy(plan: Plan, tmp: Path, step):
+    """Which pages a policy keeps: a program held by the server at a budget
+    of a quarter of its memory (`uffdsrv limit`), accessing its pages
+    Zipf-distributed (s = 0.99, hot pages scattered over the mapping) or in
+    a sequential loop. One server per policy, the two programs one after
+    the other; the same seed, hence the same access sequence, under every
+    policy. Each program first runs a warm-up (the policy learns what it
+    can), then the measured accesses; the refaults and readahead pages of
+    the measured part come from the server's counters."""
+    mib = plan.policy_mib
+    size = mib * MIB
+    budget = int(size * BUDGET_FRACTION)
+    for name in POLICIES:
+        with Server(tmp, size + 64 * MIB, policy=name) as srv:
+            for pattern in POLICY_PATTERNS:
+                step(f"policy: {name}, {pattern}, {mib} MiB at {BUDGET_FRACTION:.0%}")
+                with PolicyLoad(srv.socket, mib, pattern, plan.policy_accesses[pattern],
+                                plan.policy_warmup[pattern], POLICY_SEED) as p:
+                    # the server picks the mapping up on its next rescan of
+                    # /proc/PID/maps (once a second); only then can it be held
+                    srv.wait_client(p.pid)
+                    srv.wait_for(p.pid, "the mapping managed",
+                                 lambda c: c["managed_bytes"] >= size)
+                    srv.limit(p.pid, budget)
+                    srv.wait_for(p.pid, "resident <= budget",
+                                 lambda c: c["resident_bytes"] <= budget, timeout=120)
+                    w0 = srv.client(p.pid)
+                    warm = p.warm()
+                    c0 = srv.client(p.pid)
+                    done = p.run()
+                    c1 = srv.client(p.pid)
+                    srv.limit(p.pid, None)
+                mism = warm["mismatches"] + done["mismatches"]
+                if mism:
+                    raise BenchError(f"policy {name}, {pattern}: {mism} pages read back wrong")
+                refaults = c1["refaults_total"] - c0["refaults_total"]
+                ra = c1["readahead_pages_total"] - c0["readahead_pages_total"]
+                n = done["accesses"]
+                wn = warm["accesses"]
+                w_ref = c0["refaults_total"] - w0["refaults_total"]
+                yield {"bench": "policy", "method": name, "threads": 1, "pattern": pattern,
+                       "mib": mib, "budget_fraction": BUDGET_FRACTION,
+                       "budget_bytes": budget, "accesses": n, "seconds": done["seconds"],
+                       "refaults": refaults, "readahead_pages": ra,
+                       "refaults_per_1000": refaults / n * 1000,
+                       "accesses_per_s": (n / done["seconds"] if done["seconds"] > 0
+                                          else float("nan")),
+                       "pages_per_swap_fault": ((refaults + ra) / refaults if refaults
+                                                else float("nan")),
+                       "faults": c1["faults_total"] - c0["faults_total"],
+                       "warmup_accesses": wn,
+                       "warmup_refaults_per_1000": w_ref / wn * 1000 if wn else float("nan"),
+                       "resident_bytes_end": c1["resident_bytes"],
+                       "mismatches": mism, "checksum": done["checksum"]}

@@ -4,6 +4,7 @@
     uffdsrv run     --socket PATH -- CMD [ARGS...]
     uffdsrv status  --socket PATH [--json]
     uffdsrv reclaim --socket PATH --pid PID [--keep-bytes N]
+    uffdsrv limit   --socket PATH --pid PID --bytes N|none
     uffdsrv top     --socket PATH [--metrics-url URL] [--interval S] [--once]
 
 A user's mistake gets one line on stderr and a non-zero exit, never a
@@ -16,7 +17,8 @@ import os
 import socket
 import sys
 
-from .core import protocol
+from .core import budgets, protocol
+from .core.access import parse_ids
 
 DEFAULT_SOCKET = "/run/uffdsrv/uffdsrv.sock"
 AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bin", "libuffdsrv_agent.so")
@@ -27,16 +29,14 @@ class UsageError(Exception):
 
 
 def parse_size(text: str) -> int:
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
     try:
-        value = int(float(num) * units[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"negative size: {text!r}")
-    return value
+        return budgets.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_budget(text: str) -> int | None:
+    return None if text.strip().lower() == "none" else parse_size(text)
 
 
 def parse_addr(text: str) -> tuple[str, int]:
@@ -68,12 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the journal lives (default: the swap file's directory); "
                         "a server restarted with the same one takes over every program")
     s.add_argument("--metrics-addr", type=parse_addr, default=None)
+    s.add_argument("--allow-uid", type=parse_ids, default=frozenset(), metavar="UID[,UID...]",
+                   help="uids besides root and the server's that may use the socket")
+    s.add_argument("--allow-gid", type=parse_ids, default=frozenset(), metavar="GID[,GID...]",
+                   help="groups whose members may use the socket")
     s.add_argument("--min-region", type=parse_size, default=256 << 10,
                    help="smallest anonymous mapping managed automatically")
     s.add_argument("--zap-mode", choices=("process_madvise", "madvise"),
                    default="process_madvise",
                    help="how agents zap: one vectored call per batch (default), or one "
                         "madvise per range (for comparison)")
+    s.add_argument("--policy", choices=("coldest", "fifo", "random", "address"),
+                   default="coldest", help="which pages go first (default: coldest)")
+    s.add_argument("--budget", type=parse_size, default=None,
+                   help="default budget of resident managed memory per program")
+    s.add_argument("--config", default=None, help="TOML file with budgets per program")
     s.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error"))
     r = sub.add_parser("run", help="run a command with the agent loaded")
@@ -86,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--socket", default=DEFAULT_SOCKET)
     rc.add_argument("--pid", type=positive_int, required=True)
     rc.add_argument("--keep-bytes", type=parse_size, default=0)
+    lm = sub.add_parser("limit", help="set a program's budget of resident managed memory")
+    lm.add_argument("--socket", default=DEFAULT_SOCKET)
+    lm.add_argument("--pid", type=positive_int, required=True)
+    lm.add_argument("--bytes", type=parse_budget, required=True,
+                    help="the budget (64M, 1G, ...), or 'none' for no budget")
     tp = sub.add_parser("top", help="a live view of the server's figures")
     tp.add_argument("--socket", default=DEFAULT_SOCKET)
     tp.add_argument("--metrics-url", default=None,
@@ -136,10 +150,22 @@ def cmd_serve(a) -> int:
         logging.getLogger("uffdsrv").warning("not running as root: process_vm_readv and "
                                              "pidfd_getfd need CAP_SYS_PTRACE")
     try:
+        rules = budgets.Budgets()
+        if a.config:
+            try:
+                with open(a.config) as f:
+                    rules = budgets.load(f.read())
+            except OSError as e:
+                raise UsageError(f"cannot read config {a.config}: {e.strerror}") from None
+            except ValueError as e:
+                raise UsageError(f"{a.config}: {e}") from None
+        if a.budget is not None:
+            rules.default = a.budget
         server = Server(a.socket, a.swap, a.swap_size, a.metrics_addr, a.min_region,
-                        a.zap_mode, state_dir=a.state_dir)
+                        a.zap_mode, state_dir=a.state_dir, policy=a.policy, budgets=rules)
     except SwapError as e:
         raise UsageError(str(e)) from None
+    server.allow_uids, server.allow_gids = a.allow_uid, a.allow_gid  # read by ControlSocket
 
     async def main():
         try:
@@ -194,6 +220,12 @@ def cmd_reclaim(a) -> int:
     return 0
 
 
+def cmd_limit(a) -> int:
+    reply = request(a.socket, {"cmd": "limit", "pid": a.pid, "bytes": a.bytes}, timeout=30)
+    print(json.dumps(reply))
+    return 0
+
+
 def cmd_top(a) -> int:
     from .top import run
     if not a.interval > 0:
@@ -205,7 +237,7 @@ def main(argv=None) -> int:
     try:
         a = build_parser().parse_args(argv)
         return {"serve": cmd_serve, "run": cmd_run, "status": cmd_status,
-                "reclaim": cmd_reclaim, "top": cmd_top}[a.cmd](a)
+                "reclaim": cmd_reclaim, "limit": cmd_limit, "top": cmd_top}[a.cmd](a)
     except UsageError as e:
         print(str(e) if str(e).startswith("uffdsrv") else f"uffdsrv: {e}", file=sys.stderr)
         return 2

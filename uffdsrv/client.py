@@ -29,7 +29,7 @@ from typing import Any
 
 import cffi
 
-__all__ = ["library_path", "register", "start", "status", "unregister"]
+__all__ = ["library_path", "limit", "register", "start", "status", "unregister"]
 
 _CDEF = """
 int uffdsrv_agent_start(const char *socket_path, unsigned flags);
@@ -48,6 +48,7 @@ _ffi = cffi.FFI()
 _ffi.cdef(_CDEF)
 _lib: Any = None
 _lock = threading.Lock()
+_socket_path: str | None = None
 
 
 def _load() -> Any:
@@ -70,10 +71,14 @@ def start(socket_path: str | os.PathLike[str], auto_maps: bool = False) -> bool:
     False when it is not; :func:`status` then says why. A process that
     fails to start keeps running unmanaged.
     """
+    global _socket_path
     lib = _load()
     path = os.fsencode(socket_path)
     flags = UFFDSRV_AUTO_MAPS if auto_maps else 0
-    return lib.uffdsrv_agent_start(path, flags) == 0
+    ok = lib.uffdsrv_agent_start(path, flags) == 0
+    if ok:
+        _socket_path = os.fsdecode(path)
+    return ok
 
 
 def status() -> str:
@@ -127,3 +132,26 @@ def register(buf_or_addr: Any, length: int | None = None) -> None:
 def unregister(buf_or_addr: Any, length: int | None = None) -> None:
     """Stop managing a range given as in :func:`register`."""
     _call("uffdsrv_unregister", buf_or_addr, length)
+
+
+def limit(nbytes: int | None) -> None:
+    """Ask the server to hold this process to ``nbytes`` of resident managed
+    memory (None: no budget). The server reclaims the coldest pages, a
+    batch at a time, whenever the process goes over."""
+    import socket
+
+    from .core import protocol
+
+    if _socket_path is None:
+        raise OSError(errno.ENOTCONN, "uffdsrv limit: the agent is not started")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    s.settimeout(10)
+    try:
+        s.connect(_socket_path)
+        s.send(protocol.pack_ctl(protocol.CTL, 1, {"cmd": "limit", "pid": os.getpid(),
+                                                   "bytes": nbytes}))
+        reply = protocol.parse_ctl(s.recv(protocol.MAX_MSG))
+    finally:
+        s.close()
+    if "error" in reply:
+        raise OSError(errno.EINVAL, f"uffdsrv limit: {reply['error']}")

@@ -1,5 +1,7 @@
 """Builds uffdsrv/_native (cffi, API mode): one cdef module per kernel
-interface, compiled together with the C batch helpers in native/src.
+interface holds its constants (the compiler fills in their values), and the
+functions come from native/src/native.h, the one place they are declared,
+compiled together with the C batch helpers in native/src.
 
     python native/cffi/build.py      # writes uffdsrv/_native*.so
 """
@@ -19,9 +21,16 @@ import uffd  # noqa: E402
 MODULES = (uffd, proc, ring)
 SOURCES = ["uffd.c", "proc.c", "ring.c"]
 
+def prototypes(header: str) -> str:
+    """native.h as cdef reads it: without the preprocessor lines."""
+    return "\n".join(line for line in header.splitlines() if not line.startswith("#"))
+
+
 ffibuilder = FFI()
+ffibuilder.cdef(prototypes((HERE.parent / "src" / "native.h").read_text()))
 for m in MODULES:
-    ffibuilder.cdef(m.CDEF)
+    if m.CDEF.strip():
+        ffibuilder.cdef(m.CDEF)
 ffibuilder.set_source(
     "uffdsrv._native",
     '#include "native.h"\n' + "".join(m.INCLUDES for m in MODULES),

@@ -40,16 +40,4 @@ CDEF = """
 #define UFFDIO_COPY_MODE_WP ...
 #define UFFDIO_WRITEPROTECT_MODE_WP ...
 #define UFFDIO_WRITEPROTECT_MODE_DONTWAKE ...
-
-int ufs_uffd_open(int flags);
-int ufs_uffd_api(int fd, uint64_t features, uint64_t *granted, uint64_t *ioctls);
-int ufs_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls);
-int ufs_uffd_unregister(int fd, uint64_t start, uint64_t len);
-int ufs_uffd_copy_batch(int fd, const uint64_t *dst, const uint64_t *src, const uint64_t *len,
-                        int n, uint64_t mode, int64_t *result);
-int ufs_uffd_zeropage_batch(int fd, const uint64_t *dst, const uint64_t *len, int n,
-                            int64_t *result);
-int ufs_uffd_writeprotect_batch(int fd, const uint64_t *start, const uint64_t *len, int n,
-                                uint64_t mode);
-int ufs_uffd_wake_batch(int fd, const uint64_t *start, const uint64_t *len, int n);
 """

@@ -47,7 +47,7 @@ def _finite_nonneg(row, *fields):
 
 def test_every_row_has_bench_method_threads(results):
     for row in results["rows"]:
-        assert row["bench"] in ("zap", "reclaim", "fault"), row
+        assert row["bench"] in ("zap", "reclaim", "fault", "policy"), row
         assert isinstance(row["method"], str) and isinstance(row["threads"], int), row
 
 
@@ -88,12 +88,21 @@ def test_fault_rows(results):
                     assert r["bad_pages"] == 0, r
 
 
+def test_policy_rows(results):
+    """The policy benchmark is part of `all`; tests/e2e/test_bench_policy.py
+    checks its rows in detail."""
+    got = {(r["method"], r["pattern"]) for r in results["rows"] if r["bench"] == "policy"}
+    assert got == {(m, p) for m in ("coldest", "fifo", "random") for p in ("zipf", "seq")}, got
+
+
 def test_target_ratios_computed(results):
     targets = [r for r in results["ratios"] if r["op"]]
     names = " ".join(r["name"] for r in targets)
     for part in ("zap anon", "TLB per page, coalesced", "MADV_PAGEOUT",
                  "fault random, 1 thr: pages/s, uffdsrv / c-reference",
-                 "fault random, 1 thr: p99", "fault seq, 1 thr: pages/s, uffdsrv / kernel-swap"):
+                 "fault random, 1 thr: p99", "fault seq, 1 thr: pages/s, uffdsrv / kernel-swap",
+                 "policy zipf: refaults per 1000 accesses, coldest / fifo",
+                 "policy seq: pages per fault from swap, coldest"):
         assert part in names, part
     for r in targets:
         v = r["value"]
@@ -103,5 +112,6 @@ def test_target_ratios_computed(results):
 
 def test_results_written(results):
     out = ROOT / "bench" / "results"
-    for name in ("results.json", "results.md", "zap.png", "reclaim.png", "fault.png"):
+    for name in ("results.json", "results.md", "zap.png", "reclaim.png", "fault.png",
+                 "policy.png"):
         assert (out / name).stat().st_size > 0, name

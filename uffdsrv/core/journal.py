@@ -15,6 +15,7 @@ needs fsync):
   REGION  cid start end             a managed range
   SWAP    cid addr npages slot0     these pages' bytes are in these slots;
                                     written *before* the zap is sent
+  SETTLED cid addr npages           the zap of these pages is over
   FREE    cid addr npages           these pages no longer hold a slot
   UNMAP   cid start end
   REMAP   cid from to len
@@ -22,18 +23,20 @@ needs fsync):
 Replay runs the records through the same PageMap functions the server
 uses, so the two cannot disagree about what an event means. The result is
 refined with the truth at takeover: a page recorded SWAP that is present
-in the process was not zapped (yet).
+in the process either still waits for a zap the dead server sent (no
+SETTLED yet: replay leaves `expect` set on it), or was faulted back in and
+the dead server did not get to write its FREE (settled: it is resident).
 """
 import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .pages import EMPTY, PAGE, SWAPPED, PageMap
+from .pages import EMPTY, INFLIGHT, PAGE, SWAPPED, PageMap
 from .slots import Slots
 
 REC = struct.Struct("<BxxxIQQQ")  # 32 bytes
-CLIENT, AGENT, FORK, BIND, EXIT, REGION, SWAP, FREE, UNMAP, REMAP = range(1, 11)
+CLIENT, AGENT, FORK, BIND, EXIT, REGION, SWAP, FREE, UNMAP, REMAP, SETTLED = range(1, 12)
 
 
 @dataclass
@@ -89,6 +92,9 @@ def replay(data: bytes, nslots: int) -> tuple[dict[int, Recovered], Slots]:
             _swap(r.pages, slots, a, b, c)
         elif op == FREE:
             _free(r.pages, slots, a, a + b * PAGE)
+        elif op == SETTLED:
+            for reg, lo, hi in r.pages.overlapping(a, a + b * PAGE):
+                reg.expect[lo:hi] = 0
         elif op == UNMAP:
             r.pages.drop(a, b, slots)
         elif op == REMAP:
@@ -105,6 +111,7 @@ def _swap(pages: PageMap, slots: Slots, addr: int, npages: int, slot0: int) -> N
         k = len(got)
         r.state[lo:lo + k] = SWAPPED
         r.slot[lo:lo + k] = got
+        r.expect[lo:lo + k] = 1  # its zap is pending until SETTLED
         fresh = slots.refs[got] == 0
         slots.refs[got] += 1
         slots.used += int(np.count_nonzero(fresh))
@@ -117,6 +124,7 @@ def _free(pages: PageMap, slots: Slots, start: int, end: int) -> None:
         slots.release(r.slot[lo:hi][held])
         st[held] = EMPTY
         r.slot[lo:hi][held] = -1
+        r.expect[lo:hi] = 0
 
 
 def snapshot(clients) -> bytes:
@@ -128,8 +136,13 @@ def snapshot(clients) -> bytes:
         out.append(pack(AGENT, c.cid, c.private[0], c.private[1], c.beacon))
         for r in c.pages.regions:
             out.append(pack(REGION, c.cid, r.start, r.end))
-            idx = np.flatnonzero(r.state >= SWAPPED)
+            # pages a batch holds with a slot (a zap may be on its way) are
+            # written as pending; the others as settled
+            held = (r.batch != 0) & (r.slot >= 0) & ((r.state == INFLIGHT) | (r.state == SWAPPED))
+            idx = np.flatnonzero((r.state >= SWAPPED) | held)
             out.extend(swap_records(c.cid, r.start + idx * PAGE, r.slot[idx]))
+            done = idx[~held[idx]]
+            out.extend(settled_records(c.cid, r.start + done * PAGE))
     return b"".join(out)
 
 
@@ -144,4 +157,16 @@ def swap_records(cid: int, addrs, slots) -> list[bytes]:
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [len(addrs)]))
     return [pack(SWAP, cid, int(addrs[s]), int(e - s), int(slots[s]))
+            for s, e in zip(starts.tolist(), ends.tolist())]
+
+
+def settled_records(cid: int, addrs) -> list[bytes]:
+    """SETTLED records for pages at `addrs`, one per run of adjacent pages."""
+    addrs = np.asarray(addrs, dtype=np.int64)
+    if not len(addrs):
+        return []
+    breaks = np.flatnonzero(np.diff(addrs) != PAGE) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(addrs)]))
+    return [pack(SETTLED, cid, int(addrs[s]), int(e - s))
             for s, e in zip(starts.tolist(), ends.tolist())]

@@ -14,6 +14,9 @@ page, never a Python object per page (a managed GiB is 262,144 pages):
           requested range into several events, and the program's own
           MADV_DONTNEED can overlap a zap)
   batch   id of the reclaim batch that holds this page, 0 for none
+  heat    how often the page came back soon after it was reclaimed (a
+          refault, or a write while it was in flight), halved now and then
+  stamp   when it last became resident (ms): the order of arrival
 
 Who owns a slot reference: the region, for SWAPPED and LOADING pages with
 batch 0; the batch, for every page it holds (it hands the reference to the
@@ -35,7 +38,7 @@ STATE_NAMES = ("empty", "resident", "inflight", "swapped", "loading")
 
 
 class Region:
-    __slots__ = ("start", "npages", "state", "slot", "expect", "batch")
+    __slots__ = ("start", "npages", "state", "slot", "expect", "batch", "heat", "stamp")
 
     def __init__(self, start: int, npages: int):
         self.start = start
@@ -44,6 +47,8 @@ class Region:
         self.slot = np.full(npages, -1, dtype=np.int64)
         self.expect = np.zeros(npages, dtype=np.uint8)
         self.batch = np.zeros(npages, dtype=np.int32)
+        self.heat = np.zeros(npages, dtype=np.uint8)
+        self.stamp = np.zeros(npages, dtype=np.uint32)
 
     @property
     def end(self) -> int:
@@ -55,6 +60,8 @@ class Region:
         r.slot[:] = self.slot[lo:hi]
         r.expect[:] = self.expect[lo:hi]
         r.batch[:] = self.batch[lo:hi]
+        r.heat[:] = self.heat[lo:hi]
+        r.stamp[:] = self.stamp[lo:hi]
         return r
 
     def __repr__(self):

@@ -1,7 +1,19 @@
-"""Which pages to reclaim next. For now: resident pages in address order,
-continuing where the last pass stopped, one region per batch (a batch's
-pages are then a few long runs: one write-protect ioctl, one iovec and one
-REMOVE event per run)."""
+"""Which pages to reclaim next.
+
+The server sees no access bits, but it sees every page come back: a page
+faulted in from swap soon after it was reclaimed was hot, and so was one
+written while in flight. Each such return adds to the page's heat, which
+is halved every so often so that old history fades (an LFU with aging).
+
+  coldest  (default) lowest heat first, then the longest resident
+  fifo     the longest resident first: the order pages arrived in
+  random   any resident page
+  address  address order from a cursor (one pass over everything, for an
+           explicit full reclaim)
+
+A batch takes pages of one region (one write-protect ioctl and one REMOVE
+per run of pages): the region holding most of the chosen pages.
+"""
 import numpy as np
 
 from .pages import PAGE, RESIDENT, PageMap, Region
@@ -27,3 +39,43 @@ def pick(pages: PageMap, limit: int, cursor: int = 0) -> tuple[Region | None, np
         if len(idx):
             return r, idx.astype(np.int64)
     return None, np.zeros(0, dtype=np.int64)
+
+
+POLICIES = ("coldest", "fifo", "random", "address")
+
+
+def choose(pages: PageMap, limit: int, policy: str, rng: np.random.Generator | None = None,
+           cursor: int = 0) -> tuple[Region | None, np.ndarray]:
+    """Up to `limit` resident pages of one region, not held by a batch, in
+    the order the policy prefers."""
+    if policy == "address":
+        return pick(pages, limit, cursor)
+    cands = []
+    for r in pages.regions:
+        idx = np.flatnonzero((r.state == RESIDENT) & (r.batch == 0))
+        if len(idx):
+            cands.append((r, idx))
+    if not cands or limit <= 0:
+        return None, np.zeros(0, dtype=np.int64)
+    which = np.concatenate([np.full(len(idx), k) for k, (_, idx) in enumerate(cands)])
+    if policy == "random":
+        key = (rng or np.random.default_rng()).random(len(which))
+    else:
+        stamp = np.concatenate([r.stamp[idx] for r, idx in cands]).astype(np.uint64)
+        key = stamp
+        if policy == "coldest":
+            heat = np.concatenate([r.heat[idx] for r, idx in cands]).astype(np.uint64)
+            key = (heat << np.uint64(32)) | stamp
+    take = min(limit, len(key))
+    best = np.argpartition(key, take - 1)[:take] if take < len(key) else np.arange(len(key))
+    k = np.bincount(which[best]).argmax()
+    offsets = np.concatenate(([0], np.cumsum([len(idx) for _, idx in cands])))
+    mine = best[which[best] == k] - offsets[k]
+    r, idx = cands[k]
+    return r, np.sort(idx[mine]).astype(np.int64)
+
+
+def age(pages: PageMap) -> None:
+    """Halve every page's heat: what made a page hot long ago counts less."""
+    for r in pages.regions:
+        r.heat >>= 1

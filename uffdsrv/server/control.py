@@ -1,7 +1,24 @@
 """The control socket: one SOCK_SEQPACKET unix socket for agents, the
 explicit API and the CLI. The peer's pid comes from SO_PEERCRED, never from
 what it says. A malformed message gets an ERROR reply and the connection is
-closed; nobody else notices."""
+closed; nobody else notices.
+
+Hostile peers (tests/e2e/test_hostile.py fuzzes all of this):
+* who: with no allow lists the socket is 0600 and only root and the
+  server's uid may connect; SO_PEERCRED is checked at accept, not only the
+  file mode (core/access.py).
+* how many: at most MAX_CONNS connections (more are told and dropped), at
+  most MAX_INFLIGHT requests in flight per connection, at most MAX_BURST
+  messages handled per wake-up so one peer cannot starve the loop; accept
+  backs off on EMFILE instead of spinning.
+* which uffd: the one sent with HELLO must have been through UFFDIO_API
+  with the required features (what the kernel says, not what HELLO
+  claims), must not be another client's context (kcmp), and must act on
+  the peer's own memory: registering the peer's beacon page through it
+  must show in the peer's /proc/PID/smaps. A uffd of another process works
+  on that process's memory whoever holds it; the server refuses it.
+* which ranges: REGISTER is checked against the peer's own /proc/PID/maps
+  (daemon.api_region) and acts through the peer's own, verified uffd."""
 import array
 import asyncio
 import errno
@@ -9,13 +26,52 @@ import logging
 import os
 import socket
 import stat
+import time
 
-from ..core import protocol
+from ..core import access, protocol
 from ..core.protocol import ProtocolError
-from ..system import proc
+from ..system import ident, proc, uffd
 
 log = logging.getLogger("uffdsrv.control")
 MAX_FDS = 4
+MAX_CONNS = 4096  # connections at once; more are refused
+MAX_INFLIGHT = 16  # requests of one connection awaiting their reply
+MAX_BURST = 64  # messages of one connection handled per wake-up
+PAGE = 4096
+
+
+class Refused(OSError):
+    """A well-formed request the server will not honour: ERROR, then drop."""
+
+
+class LogLimit:
+    """At most `burst` lines per `period` seconds, so a hostile peer cannot
+    flood the log; allow() -> how many were held back since the last line
+    let through, or None to hold this one back too."""
+
+    def __init__(self, burst: int = 20, period: float = 1.0, clock=time.monotonic):
+        self.burst, self.period, self.clock = burst, period, clock
+        self.start, self.count, self.held = clock(), 0, 0
+
+    def allow(self) -> int | None:
+        now = self.clock()
+        if now - self.start >= self.period:
+            self.start, self.count = now, 0
+        if self.count >= self.burst:
+            self.held += 1
+            return None
+        self.count += 1
+        held, self.held = self.held, 0
+        return held
+
+
+_log_limit = LogLimit()
+
+
+def _warn(fmt: str, *args) -> None:
+    held = _log_limit.allow()
+    if held is not None:
+        log.warning(fmt + (f" ({held} more not logged)" if held else ""), *args)
 
 
 class ControlSocket:
@@ -36,14 +92,22 @@ class ControlSocket:
                 os.unlink(path)  # a stale socket of a server that died
             finally:
                 probe.close()
+        self.server_uid = os.geteuid()
+        self.allow_uids = frozenset(getattr(server, "allow_uids", None) or ())
+        self.allow_gids = frozenset(getattr(server, "allow_gids", None) or ())
+        group = None
+        if self.allow_uids or self.allow_gids:
+            mode, group = access.socket_mode(self.allow_uids, self.allow_gids)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        old = os.umask(0o777 & ~mode)
+        old = os.umask(0o777)  # nobody can connect before the mode is final
         try:
             self.sock.bind(path)
         finally:
             os.umask(old)
+        if group is not None:
+            os.chown(path, -1, group)
         os.chmod(path, mode)
-        self.sock.listen(128)
+        self.sock.listen(512)
         self.sock.setblocking(False)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -64,18 +128,56 @@ class ControlSocket:
             c.close()
 
     def _accept(self) -> None:
-        while True:
+        for _ in range(MAX_BURST):
             try:
                 s, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.warning("accept: %s", e)
+                # out of fds: the listening socket stays readable, so a
+                # level-triggered reader would spin; pause accepting
+                log.warning("accept: %s; pausing for 0.1 s", e)
+                self.server.metrics.error("accept")
+                self._pause()
                 return
             s.setblocking(False)
             conn = Connection(self, s)
+            why = self._refusal(conn)
+            if why is not None:
+                self.server.metrics.error("refused")
+                _warn("pid %s uid %s: refused: %s", conn.pid, conn.uid, why[1])
+                try:
+                    s.send(protocol.pack_error(0, why[0], why[1]))
+                except OSError:
+                    pass
+                conn.closed = True
+                linger(self.loop, s)
+                continue
             self.conns.add(conn)
             self.loop.add_reader(s.fileno(), conn.readable)
+
+    def _refusal(self, conn: "Connection") -> tuple[int, str] | None:
+        limit = MAX_CONNS * 2 if conn.privileged else MAX_CONNS  # room left for root
+        if len(self.conns) >= limit:
+            return errno.EMFILE, f"too many connections ({limit})"
+        if conn.uid == 0 or conn.uid == self.server_uid or conn.uid in self.allow_uids:
+            return None
+        gids = ident.groups(conn.pid, conn.gid) if self.allow_gids and conn.pid > 0 else ()
+        if access.peer_allowed(conn.uid, gids, self.server_uid, self.allow_uids,
+                               self.allow_gids):
+            return None
+        return errno.EACCES, f"uid {conn.uid} may not use this server"
+
+    def _pause(self, delay: float = 0.1) -> None:
+        try:
+            self.loop.remove_reader(self.sock.fileno())
+        except Exception:
+            return
+
+        def resume():
+            if self.sock.fileno() >= 0:
+                self.loop.add_reader(self.sock.fileno(), self._accept)
+        self.loop.call_later(delay, resume)
 
 
 class Connection:
@@ -86,10 +188,13 @@ class Connection:
         self.kind = None
         self.client = None
         self.closed = False
+        self.inflight = 0
         try:
             self.pid, self.uid, self.gid = proc.peer_credentials(sock)
         except OSError:
             self.pid = self.uid = self.gid = -1
+        # may act on other pids than its own (reclaim, status of all)
+        self.privileged = access.privileged(self.uid, control.server_uid)
 
     def close(self) -> None:
         if self.closed:
@@ -102,7 +207,7 @@ class Connection:
         self.control.conns.discard(self)
         if self.kind == "agent" and self.client is not None:
             self.server.agent_lost(self.client, self)
-        self.sock.close()
+        linger(self.control.loop, self.sock)
 
     def send(self, data: bytes) -> None:
         try:
@@ -112,7 +217,9 @@ class Connection:
             self.close()
 
     def readable(self) -> None:
-        while not self.closed:
+        for _ in range(MAX_BURST):  # the rest on the next wake-up: others get a turn
+            if self.closed:
+                return
             try:
                 data, anc, flags, _ = self.sock.recvmsg(
                     protocol.MAX_MSG, socket.CMSG_SPACE(MAX_FDS * 4))
@@ -131,7 +238,7 @@ class Connection:
                 fds = self.dispatch(data, fds)
             except ProtocolError as e:
                 self.server.metrics.error("protocol")
-                log.warning("pid %s: bad message: %s", self.pid, e)
+                _warn("pid %s: bad message: %s", self.pid, e)
                 self.send(protocol.pack_error(0, errno.EPROTO, str(e)))
                 self.close()
             except Exception:  # a bug of ours must cost this peer, not the server
@@ -155,11 +262,18 @@ class Connection:
             if not forked and not _is_uffd(fds[0]):
                 raise ProtocolError("the fd sent with HELLO is not a userfaultfd")
             try:
+                if not forked and self._check_uffd(fds[0], hello):
+                    # the context this pid's client already holds: the
+                    # agent is back, whatever its flags say
+                    hello["flags"] |= protocol.HELLO_RECONNECT
                 self.client, kept = self.server.attach_agent(self, hello,
                                                              None if forked else fds[0])
             except (LookupError, OSError) as e:
+                if isinstance(e, Refused):
+                    self.server.metrics.error("refused")
+                    _warn("pid %s: HELLO refused: %s", self.pid, e.strerror)
                 self.send(protocol.pack_error(seq, getattr(e, "errno", None) or errno.ESRCH,
-                                              str(e)))
+                                              e.strerror if isinstance(e, Refused) else str(e)))
                 self.close()
                 return fds
             self.kind = "agent"
@@ -177,20 +291,55 @@ class Connection:
                 raise ProtocolError("ZAP_DONE from a connection that is not an agent")
             self.server.zap_answered(self.client, seq, protocol.parse_zap_done(data))
         elif mtype in (protocol.REGISTER, protocol.UNREGISTER):
-            if self.kind not in (None, "api") or fds:
-                raise ProtocolError("REGISTER on an agent connection")
+            if fds:
+                raise ProtocolError("REGISTER/UNREGISTER with fds attached")
+            if self.kind not in (None, "api"):
+                raise ProtocolError(f"REGISTER/UNREGISTER on a {self.kind} connection")
             self.kind = "api"
             start, end = protocol.parse_region(data)
-            asyncio.ensure_future(self._region(seq, start, end, mtype == protocol.REGISTER))
+            self._spawn(self._region(seq, start, end, mtype == protocol.REGISTER))
         elif mtype == protocol.CTL:
-            if self.kind not in (None, "ctl") or fds:
-                raise ProtocolError("CTL on an agent connection")
+            if fds:
+                raise ProtocolError("CTL with fds attached")
+            if self.kind not in (None, "ctl"):
+                raise ProtocolError(f"CTL on an {self.kind} connection")
             self.kind = "ctl"
             req = protocol.parse_ctl(data)
-            asyncio.ensure_future(self._ctl(seq, req))
+            self._spawn(self._ctl(seq, req))
         else:
             raise ProtocolError(f"unexpected message type {mtype}")
         return fds
+
+    def _spawn(self, coro) -> None:
+        if self.inflight >= MAX_INFLIGHT:
+            coro.close()
+            raise ProtocolError(f"more than {MAX_INFLIGHT} requests awaiting their reply")
+        self.inflight += 1
+        asyncio.ensure_future(coro).add_done_callback(self._done)
+
+    def _done(self, _fut) -> None:
+        self.inflight -= 1
+
+    def _check_uffd(self, fd: int, hello: dict) -> bool:
+        """Refuse a uffd that is not this peer's to give; True if it is the
+        context this pid's client already holds."""
+        for c in list(self.server.clients.values()):
+            if c.closed or c.uffd is None:
+                continue
+            if ident.same_file(fd, c.uffd):
+                if c.pid == self.pid:
+                    return True
+                raise Refused(errno.EBUSY, "this userfaultfd is another client's")
+        features = ident.uffd_features(fd)
+        if features is None:
+            raise Refused(errno.EINVAL, "the userfaultfd has not been through UFFDIO_API")
+        if features & uffd.REQUIRED_FEATURES != uffd.REQUIRED_FEATURES:
+            raise Refused(errno.EOPNOTSUPP,
+                          f"the userfaultfd lacks required features (has {features:#x})")
+        if not hello["beacon"]:
+            raise Refused(errno.EINVAL, "HELLO without a beacon page")
+        _check_owner(fd, self.pid, hello["beacon"])
+        return False
 
     async def _region(self, seq: int, start: int, end: int, register: bool) -> None:
         try:
@@ -221,8 +370,79 @@ def _fds(anc) -> list[int]:
     return fds
 
 
+def _check_owner(fd: int, pid: int, beacon: int) -> None:
+    """Does the uffd act on pid's memory? Registering the beacon page through
+    it must show as "um" in pid's smaps; if the page is registered already
+    (an agent back with its uffd, or a decoy registration by the peer's own
+    uffd), unregistering through it must clear the mark first. A uffd of
+    another process changes nothing in pid's smaps."""
+    foreign = Refused(errno.EPERM, f"the userfaultfd does not act on the memory of pid {pid}")
+    try:
+        flags = ident.vmflags_at(pid, beacon)
+        if flags is None:
+            raise Refused(errno.EINVAL, f"beacon {beacon:#x} is not mapped in pid {pid}")
+        if "um" in flags:
+            uffd.unregister(fd, beacon, PAGE)
+            if "um" in (ident.vmflags_at(pid, beacon) or ()):
+                raise foreign
+        uffd.register(fd, beacon, PAGE, uffd.REGISTER_MODE_MISSING)
+    except Refused:
+        raise
+    except OSError as e:
+        raise Refused(errno.EPERM, f"the userfaultfd cannot register beacon {beacon:#x} of "
+                                   f"pid {pid}: {e.strerror or e}") from None
+    try:
+        mine = "um" in (ident.vmflags_at(pid, beacon) or ())
+    except OSError:
+        mine = False
+    if not mine:
+        try:
+            uffd.unregister(fd, beacon, PAGE)
+        except OSError:
+            pass
+        raise foreign
+
+
 def _is_uffd(fd: int) -> bool:
     try:
         return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]"
     except OSError:
         return False
+
+
+def linger(loop: asyncio.AbstractEventLoop, sock: socket.socket, seconds: float = 1.0) -> None:
+    """Close a connection so that the peer still reads our last message.
+
+    A unix socket closed with unread messages in its queue makes the peer's
+    next recv fail with ECONNRESET, before it can read what we queued for
+    it (the ERROR saying why). So: stop sending, then drop what the peer
+    still sends until it hangs up, for a second at most, and close."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        sock.close()
+        return
+    fd = sock.fileno()
+
+    def drain(final: bool = False) -> None:
+        try:
+            while sock.recv(protocol.MAX_MSG):
+                pass
+            final = True  # the peer hung up
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            final = True
+        if final:
+            timer.cancel()
+            try:
+                loop.remove_reader(fd)
+            except Exception:
+                pass
+            sock.close()
+    try:
+        loop.add_reader(fd, drain)
+    except Exception:
+        sock.close()
+        return
+    timer = loop.call_later(seconds, drain, True)

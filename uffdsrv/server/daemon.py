@@ -18,11 +18,13 @@ import numpy as np
 from .._native import ffi
 from ..core import journal, maps, protocol
 from ..core.batch import Batch
-from ..core.pages import LOADING, PAGE, SWAPPED
+from ..core.budgets import Budgets
+from ..core.pages import LOADING, PAGE, RESIDENT, SWAPPED
+from ..core.ranges import byte_ranges, runs
 from ..system import proc, uffd
 from ..system.ring import Ring
 from .control import ControlSocket
-from .faults import MAX_READAHEAD, FaultPath
+from .faults import MAX_READAHEAD, FaultPath, now_ms
 from .managed import AgentLink, Client
 from .metrics import Metrics
 from .reclaim import BATCH_PAGES, NoAgent, ReclaimPath
@@ -31,6 +33,7 @@ from .swap import Pool, SwapError, SwapFile
 
 log = logging.getLogger("uffdsrv")
 FAULT_BUFFERS = 256
+TRACK_WRITES_EVERY = 20  # budget checks (of 50 ms) between two write-tracking sweeps
 RECLAIM_BUFFERS = 2
 REGISTER_MODE = uffd.REGISTER_MODE_MISSING | uffd.REGISTER_MODE_WP
 
@@ -39,8 +42,11 @@ class Server:
     def __init__(self, socket_path: str, swap_path: str, swap_size: int,
                  metrics_addr: tuple[str, int] | None = None, min_region: int = 256 << 10,
                  zap_mode: str = "process_madvise", socket_mode: int = 0o600,
-                 state_dir: str | None = None):
+                 state_dir: str | None = None, policy: str = "coldest",
+                 budgets: Budgets | None = None):
         self.socket_path = socket_path
+        self.policy = policy
+        self.budgets = budgets or Budgets()
         self.socket_mode = socket_mode
         self.swap = SwapFile(swap_path, swap_size)
         self.state_dir = state_dir or os.path.dirname(os.path.abspath(swap_path))
@@ -79,10 +85,12 @@ class Server:
         log.info("serving on %s, swap %s (%d MiB)", self.socket_path, self.swap.path,
                  self.swap.size >> 20)
         rescans = asyncio.ensure_future(self._rescan_forever())
+        budgets = asyncio.ensure_future(self._hold_budgets())
         try:
             await self.stopping.wait()
         finally:
             rescans.cancel()
+            budgets.cancel()
             await self.shutdown()
 
     async def shutdown(self) -> None:
@@ -132,6 +140,7 @@ class Server:
             client.auto_maps = bool(hello["flags"] & protocol.HELLO_AUTO_MAPS)
             client.cid = self.journal.new_cid()
             client.starttime = starttime(pid) or 0
+            client.budget = self.budgets.for_client(client.comm, read_cgroup(pid))
             self.journal.add(journal.CLIENT, client.cid, pid, client.starttime, client.flags)
             self.journal.add(journal.AGENT, client.cid, *client.private, client.beacon)
             self.journal.flush()
@@ -145,6 +154,7 @@ class Server:
             self.metrics.clients.inc()
             log.info("pid %d (%s) connected", pid, client.comm)
         client.agent = AgentLink(conn.sock, self.zap_flags)
+        client.agent_back.set()
         if client.recovering:
             self.settle_recovery(client)
         if client.auto_maps:
@@ -155,6 +165,7 @@ class Server:
         if client.agent is not None and client.agent.sock is conn.sock:
             client.agent.fail_all(ConnectionError(f"agent of pid {client.pid} disconnected"))
             client.agent = None
+            client.agent_back.clear()
 
     def zap_answered(self, client: Client, seq: int, result) -> None:
         # The REMOVE events of this zap were read before the agent could
@@ -240,6 +251,45 @@ class Server:
             for s, e in client.pages.gaps(start, end):
                 self.manage(client, s, e)
 
+    async def _hold_budgets(self, interval: float = 0.05) -> None:
+        """Keep each client at or below its budget. Reclaim starts when the
+        resident memory goes over and takes it a little further down (an
+        eighth of the budget, at most one batch), so that a program growing
+        steadily is served a batch at a time, not a page at a time."""
+        ticks = 0
+        while True:
+            await asyncio.sleep(interval)
+            ticks += 1
+            for c in list(self.clients.values()):
+                if c.budget is None or c.agent is None or c.reclaim_lock.locked():
+                    continue
+                if ticks % TRACK_WRITES_EVERY == 0:
+                    self._track_writes(c)
+                resident = c.pages.count(RESIDENT) * PAGE
+                if resident > c.budget:
+                    ahead = min(c.budget // 8, BATCH_PAGES * PAGE)
+                    asyncio.ensure_future(self._enforce(c, max(0, c.budget - ahead)))
+
+    def _track_writes(self, client: Client) -> None:
+        """Write tracking with synchronous write-protect faults (no access
+        bits reach us): protect the resident pages of a budgeted program;
+        the first write to each then faults once, the fault path marks the
+        page warm and lets the write through."""
+        for r in client.pages.regions:
+            idx = np.flatnonzero((r.state == RESIDENT) & (r.batch == 0))
+            if len(idx):
+                starts, lens = byte_ranges(r.start, idx)
+                try:
+                    uffd.writeprotect(client.uffd, starts, lens, True)
+                except OSError:
+                    return
+
+    async def _enforce(self, client: Client, keep: int) -> None:
+        try:
+            await self.reclaimer.reclaim(client, keep)
+        except NoAgent:
+            pass
+
     async def _rescan_forever(self, interval: float = 1.0) -> None:
         """Programs map new memory as they run: manage it as it appears."""
         while True:
@@ -259,7 +309,8 @@ class Server:
             if e.errno not in (errno.ENOMEM, errno.EINVAL, errno.ESRCH, errno.ENOENT):
                 log.warning("pid %s: cannot manage %#x-%#x: %s", client.pid, start, end, e)
             return
-        client.pages.add(start, end, present)
+        region = client.pages.add(start, end, present)
+        region.stamp[:] = now_ms()
         self.journal.add(journal.REGION, client.cid, start, end)
         self.journal.flush()
 
@@ -353,7 +404,16 @@ class Server:
             # these pages may still be on its way. Hold them as a batch whose
             # zap was sent, until the agent is back (its zap thread then is
             # idle) and the REMOVEs it raised have been read.
+            # Recorded as swapped, present, and its zap settled: it was faulted
+            # back in and the FREE did not make it to the journal.
+            back = np.flatnonzero(present & (r.state == SWAPPED) & (r.expect == 0))
+            if len(back):
+                self.swap.slots.release(r.slot[back])
+                r.state[back], r.slot[back] = 1, -1
+                for s, n in zip(*runs(back)):
+                    self.journal.add(journal.FREE, rec.cid, r.start + int(s) * PAGE, int(n))
             idx = np.flatnonzero(present & (r.state == SWAPPED))
+            r.expect[:] = 0
             if len(idx):
                 slots_of = r.slot[idx].copy()
                 b = Batch(r, idx)
@@ -404,6 +464,15 @@ class Server:
     # --- control requests ----------------------------------------------------------
     async def control_request(self, req: dict, conn) -> dict:
         cmd = req.get("cmd")
+        # access (control.py): only root and the server's uid act on or see
+        # other pids than the peer's own
+        if not getattr(conn, "privileged", True):
+            if "pid" in req and req["pid"] != conn.pid:
+                return {"error": f"uid {conn.uid} may act only on its own pid {conn.pid}"}
+            if cmd == "status":
+                st = self.status()
+                st["clients"] = [c for c in st["clients"] if c["pid"] == conn.pid]
+                return st
         if cmd == "status":
             return self.status()
         if cmd == "reclaim":
@@ -417,6 +486,16 @@ class Server:
                 return {"reclaimed_bytes": await self.reclaimer.reclaim(client, keep)}
             except NoAgent as e:
                 return {"error": str(e)}
+        if cmd == "limit":
+            pid, limit = req.get("pid"), req.get("bytes")
+            if not isinstance(pid, int) or not (limit is None or isinstance(limit, int)) \
+                    or (limit is not None and limit < 0):
+                return {"error": "limit needs an integer pid and bytes >= 0 (or null)"}
+            client = self.by_pid(pid)
+            if client is None:
+                return {"error": f"pid {pid} is not a managed process"}
+            client.budget = limit
+            return {"pid": pid, "budget_bytes": limit}
         return {"error": f"unknown command {cmd!r}"}
 
     def status(self) -> dict:
@@ -469,3 +548,15 @@ class Server:
             self.ring.harvest()
             await asyncio.sleep(0)
         return restored
+
+
+def read_cgroup(pid: int) -> str:
+    """The process's cgroup v2 path ("" when unknown)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].strip()
+    except OSError:
+        pass
+    return ""

@@ -124,8 +124,13 @@ class FaultPath:
                     continue
             st = int(r.state[i])
             if fl & uffd.PAGEFAULT_FLAG_WP:
+                # a write to a page in flight before its zap was sent: it
+                # stays; to a resident page the write tracker protected:
+                # it is being written, so it is warm
                 if st == INFLIGHT:
-                    cancel_page(r, i)  # written before its zap was sent: keep it
+                    cancel_page(r, i)
+                if st in (INFLIGHT, RESIDENT):
+                    warm(r, i)
                 unprotect.append(addr)
                 self.metrics.fault("write_protect")
             elif st == SWAPPED:
@@ -144,7 +149,13 @@ class FaultPath:
                 uffd.writeprotect(client.uffd, u, np.full(len(u), PAGE, np.uint64), False)
                 self.metrics.fault_served("write_protect", len(u), time.monotonic() - self.t_read)
             except OSError as e:
-                self._gone_or_log(client, e, "unprotect")
+                if e.errno == errno.EAGAIN:
+                    # an event is unread (the mm is changing): the writers
+                    # wait until the protection is lifted, so lift it later
+                    for addr in unprotect:
+                        self.retry(client, addr, uffd.PAGEFAULT_FLAG_WP)
+                else:
+                    self._gone_or_log(client, e, "unprotect")
         if zero:
             self.zero_fill(client, np.array(zero, dtype=np.int64))
         if swapping:
@@ -163,6 +174,7 @@ class FaultPath:
                 reg, i = pages.find(addr)
                 if reg is not None and reg.state[i] == EMPTY:
                     reg.state[i] = RESIDENT
+                    reg.stamp[i] = now_ms()
             elif r_ == -errno.EAGAIN:
                 self.retry(client, addr)
             elif r_ not in (-errno.ENOENT, -errno.ESRCH):
@@ -173,8 +185,8 @@ class FaultPath:
             self.retry(client, addr)
 
     # --- retry after EAGAIN -------------------------------------------------------
-    def retry(self, client: Client, addr: int) -> None:
-        client.retry.append(addr)
+    def retry(self, client: Client, addr: int, flags: int = 0) -> None:
+        client.retry.append((addr, flags))
         if not client.retry_scheduled:
             client.retry_scheduled = True
             self.server.loop.call_soon(self._retry, client)
@@ -185,10 +197,10 @@ class FaultPath:
         if client.closed:
             return
         self.ring.harvest()  # the pending event is usually there by now
-        addrs, client.retry = client.retry, []
-        if addrs:
-            a = np.array(addrs, dtype=np.int64)
-            self.serve(client, a, np.zeros(len(a), np.int64), np.zeros(len(a), np.int64))
+        todo, client.retry = client.retry, []
+        if todo:
+            a = np.array(todo, dtype=np.int64)
+            self.serve(client, a[:, 0], a[:, 1], np.zeros(len(a), np.int64))
 
     # --- swap-in ------------------------------------------------------------------
     def swap_in(self, client: Client, r, i: int, addr: int, tid: int = 0) -> None:
@@ -235,6 +247,7 @@ class FaultPath:
                 return
             self.server.metrics.swap_read(k * PAGE)
             self._copy(client, start, slots, buf)
+            self.server.journal.flush()  # the FREE of what came back, now
             self.metrics.swap_done(buf, time.monotonic())
         finally:
             self.swap.slots.release(slots)
@@ -267,6 +280,8 @@ class FaultPath:
                 self.swap.slots.release(int(r.slot[i]))
                 r.slot[i] = -1
                 r.state[i] = RESIDENT
+                warm(r, i)
+                client.refaults += 1
                 self.metrics.swapped_in(1)
                 return
         pos = np.flatnonzero(ok)
@@ -285,6 +300,16 @@ class FaultPath:
                 self.swap.slots.release(r.slot[idx])
                 r.slot[idx] = -1
                 r.state[idx] = RESIDENT
+                r.stamp[idx] = now_ms()
+                if f == 0:  # the faulting page; the rest came along
+                    warm(r, i)
+                    client.refaults += 1
+                    client.readahead_pages += done - 1
+                else:
+                    client.readahead_pages += done
+                # pages read ahead are the stream's next ones: as hot as the
+                # page that brought them, or the policy would evict them first
+                r.heat[idx] = r.heat[i]
                 self.metrics.swapped_in(done)
             if done < ln:
                 if got < 0 and got not in (-errno.EAGAIN, -errno.ENOENT, -errno.ESRCH):
@@ -304,6 +329,17 @@ class FaultPath:
             return
         self.metrics.error(what)
         log.warning("%s for pid %s: %s", what, client.pid, e)
+
+
+def now_ms() -> int:
+    return int(time.monotonic() * 1000) & 0xFFFFFFFF
+
+
+def warm(r, i: int) -> None:
+    """The page came back soon after it was taken: it is hot."""
+    if r.heat[i] < 255:
+        r.heat[i] += 1
+    r.stamp[i] = now_ms()
 
 
 def present(pid: int, start: int, npages: int):

@@ -52,6 +52,7 @@ class Client:
         self.comm = parent.comm if parent else "?"
         self.pages = PageMap()
         self.agent: AgentLink | None = None
+        self.agent_back = asyncio.Event()  # set while an agent is connected
         self.private: tuple[int, int] = (0, 0)
         self.beacon = 0
         self.auto_maps = False
@@ -67,6 +68,10 @@ class Client:
         self.starttime = 0
         self.recovering: list = []  # batches whose zap a dead server may have sent
         self.faults_total = 0
+        self.refaults = 0        # faults served from swap
+        self.readahead_pages = 0  # pages brought along with them
+        self.reclaimed_since_aging = 0
+        self.budget: int | None = parent.budget if parent else None
         self.readahead: dict[int, tuple[int, int]] = {}  # tid -> (next address, window)
         if pid is not None:
             self.comm = read_comm(pid)
@@ -84,6 +89,9 @@ class Client:
                 "resident_bytes": self.pages.count(RESIDENT) * PAGE,
                 "swapped_bytes": self.pages.count(SWAPPED) * PAGE,
                 "faults_total": self.faults_total,
+                "refaults_total": self.refaults,
+                "readahead_pages_total": self.readahead_pages,
+                "budget_bytes": self.budget,
                 "agent": self.agent is not None}
 
     def close_fds(self) -> None:

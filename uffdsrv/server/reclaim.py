@@ -29,7 +29,9 @@ from .managed import Client
 
 log = logging.getLogger("uffdsrv.reclaim")
 BATCH_PAGES = 4096
+AGENT_WAIT = 5.0  # seconds a reclaim request waits for a client's agent to come back
 MAX_GAP = 64  # absent pages a write-protect or zap range may step over
+AGE_AFTER = 8  # halve the pages' heat after reclaiming this many times the managed pages
 
 
 class NoAgent(Exception):
@@ -42,12 +44,18 @@ class ReclaimPath:
         self.swap = server.swap
         self.metrics = server.metrics
         self.full_logged = False
+        self.rng = np.random.default_rng()
 
     async def reclaim(self, client: Client, keep_bytes: int = 0) -> int:
         """Reclaim until the client's resident managed memory is at most
         keep_bytes, or nothing more can go. Returns bytes reclaimed."""
         if client.agent is None:
-            raise NoAgent(f"pid {client.pid} has no agent connected to zap its pages")
+            # after a restart the agents come back within a few 100 ms
+            try:
+                await asyncio.wait_for(client.agent_back.wait(), AGENT_WAIT)
+            except TimeoutError:
+                raise NoAgent(f"pid {client.pid} has no agent connected to zap its pages") \
+                    from None
         reclaimed = 0
         async with client.reclaim_lock:
             await self.server.rescan(client)
@@ -58,11 +66,16 @@ class ReclaimPath:
                 excess = client.pages.count(RESIDENT) - keep_bytes // PAGE
                 if excess <= 0:
                     break
-                region, idx = policy.pick(client.pages, min(excess, BATCH_PAGES),
-                                          client.reclaim_cursor)
+                region, idx = policy.choose(client.pages, min(excess, BATCH_PAGES),
+                                            self.server.policy, self.rng,
+                                            client.reclaim_cursor)
                 if region is None:
                     break
                 budget -= len(idx)
+                client.reclaimed_since_aging += len(idx)
+                if client.reclaimed_since_aging >= AGE_AFTER * client.pages.managed_pages:
+                    client.reclaimed_since_aging = 0
+                    policy.age(client.pages)
                 client.reclaim_cursor = region.start + (int(idx[-1]) + 1) * PAGE
                 got = await self.batch(client, region, idx)
                 reclaimed += got
@@ -157,6 +170,9 @@ class ReclaimPath:
         finally:
             if zapped is not None:
                 self._journal_unswapped(client, zapped)
+                jr = self.server.journal
+                jr.extend(journal.settled_records(client.cid, zapped))
+                jr.flush()
             unprotect = b.settle(pages, slots)
             if len(unprotect) and not client.closed:
                 us, ul = self._ranges(unprotect)
