@@ -66,10 +66,12 @@ int ufs_uffd_copy_batch(int fd, const uint64_t *dst, const uint64_t *src, const 
             continue;
         }
         int err = errno;
-        if (err == EAGAIN && c.copy > 0) {
-            /* a partial copy: report it, the caller retries the rest */
+        if ((err == EAGAIN || err == EEXIST) && c.copy > 0) {
+            /* a partial copy: report what was done, the caller deals with
+             * the rest (EEXIST: the page after those is already there) */
             result[i] = c.copy;
-            return i + 1;
+            if (err == EAGAIN) return i + 1;
+            continue;
         }
         result[i] = -err;
         if (err == EAGAIN) return i + 1;

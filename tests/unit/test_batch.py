@@ -467,3 +467,19 @@ class PageMapMachine(RuleBasedStateMachine):
 PageMapMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
                                             deadline=None)
 TestPageMapModel = PageMapMachine.TestCase
+
+
+def test_ranges_step_over_swapped_pages_but_never_empty_ones():
+    """An empty page may still be present (MADV_FREE keeps it, and the
+    program may write it again without a fault): a zap range must not cover
+    it. Swapped pages not held by a batch are certainly absent."""
+    from uffdsrv.core.batch import bridgeable_gaps
+    from uffdsrv.core.pages import EMPTY, RESIDENT, SWAPPED, PageMap
+    pm = PageMap()
+    r = pm.add(0x100000, 0x100000 + 12 * 4096)
+    r.state[:] = [RESIDENT, SWAPPED, SWAPPED, RESIDENT, EMPTY, RESIDENT,
+                  SWAPPED, RESIDENT, SWAPPED, SWAPPED, SWAPPED, RESIDENT]
+    r.batch[6] = 7  # held by another batch
+    idx = np.array([0, 3, 5, 7, 11])
+    assert bridgeable_gaps(r, idx, 64).tolist() == [1, 2, 8, 9, 10]
+    assert bridgeable_gaps(r, idx, 2).tolist() == [1, 2]

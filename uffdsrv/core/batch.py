@@ -103,16 +103,18 @@ class Batch:
 
 def bridgeable_gaps(region: Region, idx: np.ndarray, max_gap: int) -> np.ndarray:
     """Pages between the sorted pages idx that may go into the same range:
-    gaps of at most max_gap pages that hold nothing present (empty, or
-    swapped and not held by a batch). Write-protecting or zapping those
-    does nothing to them, and one range instead of many saves an ioctl, a
-    REMOVE round trip and a TLB flush each. Returns the gap pages."""
+    gaps of at most max_gap pages that are swapped and not held by a batch,
+    so certainly absent (an "empty" page may still be present: MADV_FREE
+    leaves pages in place, and the program may write them again without a
+    fault). Write-protecting or zapping those does nothing to them, and one
+    range instead of many saves an ioctl, a REMOVE round trip and a TLB
+    flush each. Returns the gap pages."""
     idx = np.asarray(idx, dtype=np.int64)
     if len(idx) < 2:
         return np.zeros(0, dtype=np.int64)
     lo, hi = int(idx[0]), int(idx[-1]) + 1
     st, held = region.state[lo:hi], region.batch[lo:hi]
-    blocked = ~((st == EMPTY) | ((st == SWAPPED) & (held == 0)))
+    blocked = ~((st == SWAPPED) & (held == 0))
     cs = np.concatenate(([0], np.cumsum(blocked)))
     a, b = idx[:-1] - lo + 1, idx[1:] - lo  # gap i is [a, b)
     gap = b - a

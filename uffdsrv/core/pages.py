@@ -164,6 +164,7 @@ class PageMap:
             committed = held & (part.state == SWAPPED)
             slots.ref(part.slot[committed])
             part.state[held & (part.state == INFLIGHT)] = RESIDENT
+            part.state[part.state == LOADING] = SWAPPED  # its swap-in was for the old address
             part.slot[held & ~committed] = -1
             part.batch[:] = 0
             part.expect[:] = 0

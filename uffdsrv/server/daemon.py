@@ -228,6 +228,9 @@ class Server:
                     uffd.unregister(client.uffd, client.beacon, PAGE)
                 except OSError:
                     pass
+        for b in client.recovering:  # their slots go back with the rest
+            b.settle(client.pages, self.swap.slots)
+        client.recovering = []
         client.pages.release_all(self.swap.slots)
         self.journal.add(journal.EXIT, client.cid)
         self.journal.flush()
@@ -412,14 +415,17 @@ class Server:
                 r.state[back], r.slot[back] = 1, -1
                 for s, n in zip(*runs(back)):
                     self.journal.add(journal.FREE, rec.cid, r.start + int(s) * PAGE, int(n))
-            idx = np.flatnonzero(present & (r.state == SWAPPED))
+            pending = (r.state == SWAPPED) & (r.expect > 0)
+            idx = np.flatnonzero(present & pending)       # not zapped yet
+            gaps = np.flatnonzero(~present & pending)     # zapped, or stepped over
             r.expect[:] = 0
-            if len(idx):
+            if len(idx) or len(gaps):
                 slots_of = r.slot[idx].copy()
                 b = Batch(r, idx)
                 b.slots[:] = slots_of
                 b.set_slots(client.pages, np.arange(len(idx)), slots_of)
-                b.expect_zap(client.pages, np.arange(len(idx)))
+                b.add_gaps(r, gaps)
+                b.expect_zap(client.pages, np.arange(len(b)))
                 client.batches[b.id] = b
                 client.recovering.append(b)
         self.clients[fd] = client
@@ -445,21 +451,9 @@ class Server:
         and the REMOVEs it raised were read before it could finish."""
         self.ring.harvest()
         for b in client.recovering:
-            zapped = b.addrs.copy()
-            self.reclaimer._journal_unswapped(client, zapped)
-            unprotect = b.settle(client.pages, self.swap.slots)
-            if len(unprotect):
-                us, ul = self.reclaimer._ranges(unprotect)
-                try:
-                    uffd.writeprotect(client.uffd, us, ul, False)
-                except OSError as e:
-                    log.debug("unprotect for pid %s: %s", client.pid, e)
-            client.batches.pop(b.id, None)
-            if b.held:
-                held = np.unique(np.array(b.held, dtype=np.int64))
-                self.faults.serve(client, held, np.zeros(len(held), np.int64),
-                                  np.zeros(len(held), np.int64))
+            self.reclaimer.settle(client, b, b.addrs.copy(), b.addrs.copy())
         client.recovering = []
+        self.journal.flush()
 
     # --- control requests ----------------------------------------------------------
     async def control_request(self, req: dict, conn) -> dict:

@@ -58,8 +58,12 @@ class FaultPath:
             if res in (-errno.EAGAIN, -errno.EINTR):
                 self.start(client)
                 return
-            log.error("read of uffd of pid %s failed: %s", client.pid, errno.errorcode.get(-res))
+            # e.g. EMFILE installing a forked child's uffd: the kernel keeps
+            # the event; stopping here would leave every fault waiting
+            log.error("read of uffd of pid %s failed: %s; trying again", client.pid,
+                      errno.errorcode.get(-res))
             self.metrics.error("uffd_read")
+            self.server.loop.call_later(0.05, self.start, client)
             return
         msgs = uffd.parse(ffi.buffer(client.read_buf, res), res).copy()
         # The next read goes out after this batch is handled, so a harvest
@@ -129,7 +133,9 @@ class FaultPath:
                 # it is being written, so it is warm
                 if st == INFLIGHT:
                     cancel_page(r, i)
-                if st in (INFLIGHT, RESIDENT):
+                if st == EMPTY:  # MADV_FREE'd, kept by the kernel, written again
+                    r.state[i] = RESIDENT
+                if st in (INFLIGHT, RESIDENT, EMPTY):
                     warm(r, i)
                 unprotect.append(addr)
                 self.metrics.fault("write_protect")
@@ -243,7 +249,7 @@ class FaultPath:
                 log.error("swap read of %d pages at slot %d: %s", k, slots[0],
                           errno.errorcode.get(-res, res))
                 self._unload(client, start, slots)
-                self.server.loop.call_later(0.1, self.retry, client, start)
+                self.server.loop.call_later(0.1, self._refault, client, start, k)
                 return
             self.server.metrics.swap_read(k * PAGE)
             self._copy(client, start, slots, buf)
@@ -293,7 +299,8 @@ class FaultPath:
         lens = np.diff(np.concatenate(([0], breaks, [len(pos)])))
         n, res = uffd.copy(client.uffd, start + firsts * PAGE, buf + firsts * PAGE, lens * PAGE)
         for f, ln, got in zip(firsts[:n].tolist(), lens[:n].tolist(), res[:n].tolist()):
-            done = ln if got == ln * PAGE or got == -errno.EEXIST else max(got, 0) // PAGE
+            # EEXIST: the first page is already there (not the whole run)
+            done = 1 if got == -errno.EEXIST else max(got, 0) // PAGE
             if done:
                 idx = slice(i + f, i + f + done)
                 self.server.journal.add(journal.FREE, client.cid, start + f * PAGE, done)
@@ -316,13 +323,22 @@ class FaultPath:
                     self.metrics.error("copy")
                     log.warning("UFFDIO_COPY at %#x of pid %s: %s", start + f * PAGE,
                                 client.pid, errno.errorcode.get(-got))
-                back = slice(i + f + done, i + f + ln)
-                r.state[back] = SWAPPED
+                r.state[i + f + done:i + f + ln] = SWAPPED
                 if got != -errno.ESRCH:
-                    self.retry(client, start + (f + done) * PAGE)
+                    self._refault(client, start + (f + done) * PAGE, ln - done)
         for f, ln in zip(firsts[n:].tolist(), lens[n:].tolist()):
             r.state[i + f:i + f + ln] = SWAPPED
-            self.retry(client, start + f * PAGE)
+            self._refault(client, start + f * PAGE, ln)
+
+    def _refault(self, client: Client, start: int, npages: int) -> None:
+        """Pages of a swap-in that were not put back: other threads may wait
+        on any of them (their faults were read and left to this COPY). Wake
+        them all so they fault again, and serve the first one now."""
+        try:
+            uffd.wake(client.uffd, [start], [npages * PAGE])
+        except OSError:
+            pass
+        self.retry(client, start)
 
     def _gone_or_log(self, client: Client, e: OSError, what: str) -> None:
         if e.errno in (errno.ESRCH, errno.ENOENT):

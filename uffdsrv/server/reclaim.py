@@ -90,7 +90,8 @@ class ReclaimPath:
         pages, slots = client.pages, self.swap.slots
         buf = None
         reclaimed = 0
-        zapped = None
+        zapped = covered = None
+        settled = False
         try:
             starts, lens = byte_ranges(region.start, idx)
             # protect across gaps of absent pages: one ioctl and one TLB
@@ -149,16 +150,18 @@ class ReclaimPath:
                 zstarts, zlens = self._ranges(b.addrs[zap_pos])
             # the page map is on disk before any page can go
             jr = self.server.journal
-            with_slot = live[b.slots[live] >= 0]
+            # (swapped pages the ranges step over too: a restart must know
+            # that the REMOVE it may read for them is ours)
+            with_slot = zap_pos[b.slots[zap_pos] >= 0]
             jr.commit(journal.swap_records(client.cid, b.addrs[with_slot], b.slots[with_slot]))
-            zapped = b.addrs[live]
+            zapped, covered = b.addrs[live], b.addrs[zap_pos]
             b.expect_zap(pages, zap_pos)
             t_zap = time.monotonic()
             results = await asyncio.gather(*client.agent.zap(zstarts, zlens))
             self.metrics.zapped(len(zstarts), [len(zstarts[i:i + 1024])
                                                for i in range(0, len(zstarts), 1024)],
                                 time.monotonic() - t_zap)
-            await self._removes_read(client, b, live, results, zstarts, zlens)
+            settled = await self._removes_read(client, b, live, results, zstarts, zlens)
             reclaimed = len(live) * PAGE
             return reclaimed
         except OSError as e:
@@ -168,27 +171,42 @@ class ReclaimPath:
             self.metrics.error("reclaim")
             return 0
         finally:
-            if zapped is not None:
-                self._journal_unswapped(client, zapped)
-                jr = self.server.journal
-                jr.extend(journal.settled_records(client.cid, zapped))
-                jr.flush()
-            unprotect = b.settle(pages, slots)
-            if len(unprotect) and not client.closed:
-                us, ul = self._ranges(unprotect)
-                try:
-                    uffd.writeprotect(client.uffd, us, ul, False)
-                except OSError as e:
-                    log.debug("unprotect for pid %s: %s", client.pid, e)
-            if b.held and not client.closed:
-                held = np.unique(np.array(b.held, dtype=np.int64))
-                self.server.faults.serve(client, held, np.zeros(len(held), np.int64),
-                                         np.zeros(len(held), np.int64))
-            del client.batches[b.id]
+            if b.zap_sent and not settled and not client.closed:
+                # The agent may still be zapping (its connection broke, or
+                # its REMOVEs are late): settling now could hand back pages
+                # it is about to drop. Hold the batch until the agent says
+                # HELLO again; its zap thread is idle by then.
+                log.warning("pid %s: zap not confirmed; holding %d pages until the agent "
+                            "is back", client.pid, len(b))
+                client.recovering.append(b)
+            else:
+                self.settle(client, b, zapped, covered)
             if buf is not None:
                 self.server.reclaim_pool.release(buf)
             if reclaimed:
                 self.metrics.reclaimed(reclaimed // PAGE, time.monotonic() - t0)
+
+    def settle(self, client: Client, b: Batch, zapped, covered) -> None:
+        """The batch is over: journal what did not end swapped, mark its
+        zap settled, hand pages back, and serve the faults it held."""
+        pages, slots = client.pages, self.swap.slots
+        if zapped is not None:
+            self._journal_unswapped(client, zapped)
+            jr = self.server.journal
+            jr.extend(journal.settled_records(client.cid, covered))
+            jr.flush()
+        unprotect = b.settle(pages, slots)
+        if len(unprotect) and not client.closed:
+            us, ul = self._ranges(unprotect)
+            try:
+                uffd.writeprotect(client.uffd, us, ul, False)
+            except OSError as e:
+                log.debug("unprotect for pid %s: %s", client.pid, e)
+        if b.held and not client.closed:
+            held = np.unique(np.array(b.held, dtype=np.int64))
+            self.server.faults.serve(client, held, np.zeros(len(held), np.int64),
+                                     np.zeros(len(held), np.int64))
+        del client.batches[b.id]
 
     def _journal_unswapped(self, client: Client, addrs: np.ndarray) -> None:
         """Pages of the zap that did not end up swapped hold no slot any
@@ -253,9 +271,10 @@ class ReclaimPath:
         for attempt in range(2000):
             self.server.ring.harvest()
             if not self._expecting(client, want):
-                return
+                return True
             await asyncio.sleep(0 if attempt < 1000 else 0.001)
         log.error("pid %s: REMOVE events of a zap never arrived", client.pid)
+        return False
 
     def _expecting(self, client, addrs) -> bool:
         if not len(addrs):
