@@ -483,3 +483,8 @@ def test_ranges_step_over_swapped_pages_but_never_empty_ones():
     idx = np.array([0, 3, 5, 7, 11])
     assert bridgeable_gaps(r, idx, 64).tolist() == [1, 2, 8, 9, 10]
     assert bridgeable_gaps(r, idx, 2).tolist() == [1, 2]
+    # an empty page the pagemap shows absent may be stepped over, not a present one
+    absent = np.zeros(12, dtype=bool)
+    absent[4] = True
+    assert bridgeable_gaps(r, idx, 64, absent).tolist() == [1, 2, 4, 8, 9, 10]
+    assert bridgeable_gaps(r, idx, 64, np.zeros(12, dtype=bool)).tolist() == [1, 2, 8, 9, 10]

@@ -101,20 +101,27 @@ class Batch:
         return np.concatenate(unprotect) if unprotect else np.zeros(0, np.int64)
 
 
-def bridgeable_gaps(region: Region, idx: np.ndarray, max_gap: int) -> np.ndarray:
+def bridgeable_gaps(region: Region, idx: np.ndarray, max_gap: int,
+                    absent: np.ndarray | None = None) -> np.ndarray:
     """Pages between the sorted pages idx that may go into the same range:
     gaps of at most max_gap pages that are swapped and not held by a batch,
     so certainly absent (an "empty" page may still be present: MADV_FREE
     leaves pages in place, and the program may write them again without a
     fault). Write-protecting or zapping those does nothing to them, and one
     range instead of many saves an ioctl, a REMOVE round trip and a TLB
-    flush each. Returns the gap pages."""
+    flush each. With `absent` (pagemap's word for the pages idx[0]..idx[-1])
+    empty pages that are really absent may be stepped over as well: until
+    the zap is answered, nothing but a fault (which waits for the batch)
+    can make them present. Returns the gap pages."""
     idx = np.asarray(idx, dtype=np.int64)
     if len(idx) < 2:
         return np.zeros(0, dtype=np.int64)
     lo, hi = int(idx[0]), int(idx[-1]) + 1
     st, held = region.state[lo:hi], region.batch[lo:hi]
-    blocked = ~((st == SWAPPED) & (held == 0))
+    ok = (st == SWAPPED) & (held == 0)
+    if absent is not None:
+        ok |= (st == EMPTY) & (held == 0) & absent
+    blocked = ~ok
     cs = np.concatenate(([0], np.cumsum(blocked)))
     a, b = idx[:-1] - lo + 1, idx[1:] - lo  # gap i is [a, b)
     gap = b - a

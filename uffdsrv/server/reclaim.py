@@ -96,7 +96,7 @@ class ReclaimPath:
             starts, lens = byte_ranges(region.start, idx)
             # protect across gaps of absent pages: one ioctl and one TLB
             # flush per run instead of one per page of a sparse heap
-            gaps = bridgeable_gaps(region, idx, MAX_GAP)
+            gaps = bridgeable_gaps(region, idx, MAX_GAP, self._absent(client, region, idx))
             wp = byte_ranges(region.start, np.union1d(idx, gaps)) if len(gaps) else (starts, lens)
             try:
                 uffd.writeprotect(client.uffd, *wp, True)
@@ -138,8 +138,9 @@ class ReclaimPath:
             gap_pos = np.zeros(0, dtype=np.int64)
             per_page = self.server.zap_flags & protocol.ZAP_MADVISE
             if not per_page and r0 is not None and r0.end > int(b.addrs[live[-1]]):
-                gap_pos = b.add_gaps(r0, bridgeable_gaps(r0, (b.addrs[live] - r0.start) // PAGE,
-                                                         MAX_GAP))
+                lidx = (b.addrs[live] - r0.start) // PAGE
+                gap_pos = b.add_gaps(r0, bridgeable_gaps(r0, lidx, MAX_GAP,
+                                                         self._absent(client, r0, lidx)))
                 live = b.inflight(pages)
             zap_pos = np.union1d(live, gap_pos)
             if per_page:
@@ -207,6 +208,19 @@ class ReclaimPath:
             self.server.faults.serve(client, held, np.zeros(len(held), np.int64),
                                      np.zeros(len(held), np.int64))
         del client.batches[b.id]
+
+    @staticmethod
+    def _absent(client: Client, region, idx: np.ndarray) -> np.ndarray | None:
+        """Which pages from idx[0] to idx[-1] are absent in the process
+        (pagemap), or None if that cannot be read."""
+        if len(idx) < 2:
+            return None
+        lo = int(idx[0])
+        try:
+            return ~proc.pagemap_present(client.pid, region.start + lo * PAGE,
+                                         int(idx[-1]) + 1 - lo)
+        except OSError:
+            return None
 
     def _journal_unswapped(self, client: Client, addrs: np.ndarray) -> None:
         """Pages of the zap that did not end up swapped hold no slot any
