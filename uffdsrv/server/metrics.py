@@ -236,6 +236,14 @@ class _StateCollector:
                       for k in kinds}
         faults = CounterMetricFamily("uffdsrv_client_faults", "Faults read off the uffd, "
                                      "per managed process", labels=labels)
+        refaults = CounterMetricFamily("uffdsrv_client_refaults", "Faults served from swap "
+                                       "(pages that were needed again), per managed process",
+                                       labels=labels)
+        readahead = CounterMetricFamily("uffdsrv_client_readahead_pages", "Pages brought back "
+                                        "from swap along with a faulting one, per managed "
+                                        "process", labels=labels)
+        budget = GaugeMetricFamily("uffdsrv_client_budget_bytes", "Budget of resident managed "
+                                   "memory, per managed process that has one", labels=labels)
         totals = dict.fromkeys(kinds, 0)
         if server is not None:
             for c in list(server.clients.values()):
@@ -250,9 +258,17 @@ class _StateCollector:
                 if c.pid is not None:  # a forked child not yet named counts in the totals
                     for k in kinds:
                         per_client[k].add_metric([str(c.pid), str(s["comm"])], s[f"{k}_bytes"])
-                    faults.add_metric([str(c.pid), str(s["comm"])], s["faults_total"])
+                    lv = [str(c.pid), str(s["comm"])]
+                    faults.add_metric(lv, s["faults_total"])
+                    refaults.add_metric(lv, s["refaults_total"])
+                    readahead.add_metric(lv, s["readahead_pages_total"])
+                    if s["budget_bytes"] is not None:
+                        budget.add_metric(lv, s["budget_bytes"])
         yield from per_client.values()
         yield faults
+        yield refaults
+        yield readahead
+        yield budget
         for k in kinds:
             yield GaugeMetricFamily(f"uffdsrv_{k}_bytes", f"{what[k]}, all processes",
                                     value=totals[k])
