@@ -26,7 +26,6 @@ int ufs_pidfd_open(int pid, unsigned flags);
 int ufs_pidfd_getfd(int pidfd, int targetfd, unsigned flags);
 int64_t ufs_process_madvise(int pidfd, const uint64_t *start, const uint64_t *len, int n,
                             int advice);
-int64_t ufs_madvise_each(const uint64_t *start, const uint64_t *len, int n, int advice);
 int64_t ufs_vm_readv(int pid, void *local, const uint64_t *start, const uint64_t *len, int n);
 int ufs_zero_pages(const void *buf, int npages, uint8_t *is_zero);
 int64_t ufs_tlb_shootdowns(void);
@@ -53,5 +52,4 @@ int ufs_ring_submit(struct ufs_ring *r);
 void ufs_ring_stats(struct ufs_ring *r, uint64_t *submits, uint64_t *entries);
 int ufs_ring_pending(struct ufs_ring *r);
 int ufs_ring_harvest(struct ufs_ring *r, uint64_t *user_data, int32_t *res, int max);
-int ufs_ring_wait(struct ufs_ring *r, unsigned nr);
 #endif

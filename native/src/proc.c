@@ -54,15 +54,6 @@ int64_t ufs_process_madvise(int pidfd, const uint64_t *start, const uint64_t *le
     return total;
 }
 
-int64_t ufs_madvise_each(const uint64_t *start, const uint64_t *len, int n, int advice) {
-    int64_t total = 0;
-    for (int i = 0; i < n; i++) {
-        if (madvise((void *)(uintptr_t)start[i], len[i], advice)) return total ? total : -errno;
-        total += len[i];
-    }
-    return total;
-}
-
 /* Reads n remote ranges of process pid, back to back, into local. A range
  * that is missing in a uffd-registered area faults through the uffd: the
  * caller must not be the thread that resolves those faults. */

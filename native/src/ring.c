@@ -205,8 +205,3 @@ int ufs_ring_harvest(struct ufs_ring *r, uint64_t *user_data, int32_t *res, int 
     }
     return got;
 }
-
-int ufs_ring_wait(struct ufs_ring *r, unsigned nr) {
-    struct io_uring_cqe *cqe;
-    return io_uring_wait_cqe_nr(&r->ring, &cqe, nr);
-}

@@ -20,7 +20,7 @@ from .._native import ffi
 from ..core import journal
 from ..core.batch import cancel_page
 from ..core.pages import EMPTY, INFLIGHT, LOADING, PAGE, RESIDENT, SWAPPED
-from ..system import proc, uffd
+from ..system import uffd
 from .managed import Client
 
 log = logging.getLogger("uffdsrv.faults")
@@ -357,6 +357,3 @@ def warm(r, i: int) -> None:
         r.heat[i] += 1
     r.stamp[i] = now_ms()
 
-
-def present(pid: int, start: int, npages: int):
-    return proc.pagemap_present(pid, start, npages)

@@ -166,11 +166,6 @@ class Ring:
                         log.exception("io_uring completion callback failed")
             done += n
 
-    def wait(self, nr: int = 1) -> None:
-        """Block until nr completions are posted (tests and tools only)."""
-        self.flush()
-        check(lib.ufs_ring_wait(self._r, nr), "io_uring_wait_cqe")
-
     # --- awaitable forms for the reclaim path -----------------------------
     def _future(self):
         fut = self._loop.create_future()
