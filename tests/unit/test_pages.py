@@ -172,3 +172,15 @@ def test_release_all_returns_used_to_zero():
     assert slots.used == 5
     child.release_all(slots)
     assert slots.used == 0 and not slots.refs.any()
+
+
+def test_states_at_reads_across_regions_and_marks_holes():
+    from uffdsrv.core.pages import EMPTY, PAGE, RESIDENT, SWAPPED, PageMap
+    pm = PageMap()
+    a = pm.add(0x100000, 0x100000 + 2 * PAGE)
+    b = pm.add(0x100000 + 3 * PAGE, 0x100000 + 4 * PAGE)
+    a.state[:] = [RESIDENT, SWAPPED]
+    b.state[:] = [EMPTY]
+    addrs = 0x100000 + np.arange(4) * PAGE
+    assert pm.states_at(addrs).tolist() == [RESIDENT, SWAPPED, 255, EMPTY]
+    assert pm.states_at(np.zeros(0)).tolist() == []

@@ -127,6 +127,17 @@ class PageMap:
         self._insert(r)
         return r
 
+    def states_at(self, addrs: np.ndarray) -> np.ndarray:
+        """The state of the page at each sorted address; 255 where no
+        region covers it."""
+        addrs = np.asarray(addrs, dtype=np.int64)
+        out = np.full(len(addrs), 255, dtype=np.uint8)
+        if len(addrs):
+            for r, _, _ in self.overlapping(int(addrs[0]), int(addrs[-1]) + PAGE):
+                m = (addrs >= r.start) & (addrs < r.end)
+                out[m] = r.state[(addrs[m] - r.start) // PAGE]
+        return out
+
     # --- counts ------------------------------------------------------------
     def count(self, state: int) -> int:
         return sum(int(np.count_nonzero(r.state == state)) for r in self.regions)

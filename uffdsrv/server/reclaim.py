@@ -225,16 +225,12 @@ class ReclaimPath:
     def _journal_unswapped(self, client: Client, addrs: np.ndarray) -> None:
         """Pages of the zap that did not end up swapped hold no slot any
         more: say so before their SWAP record could mislead a restart."""
-        back = []
-        for a in addrs.tolist():
-            r, i = client.pages.find(a)
-            if r is None or r.state[i] != SWAPPED:
-                back.append(a)
-        jr = self.server.journal
-        if back:
-            first, count = runs((np.array(back, dtype=np.int64) - back[0]) // PAGE)
+        back = addrs[client.pages.states_at(addrs) != SWAPPED]
+        if len(back):
+            jr = self.server.journal
+            first, count = runs((back - back[0]) // PAGE)
             for f, c in zip(first.tolist(), count.tolist()):
-                jr.add(journal.FREE, client.cid, back[0] + f * PAGE, c)
+                jr.add(journal.FREE, client.cid, int(back[0]) + f * PAGE, c)
             jr.flush()
 
     async def write(self, buf: int, positions: np.ndarray, slots: np.ndarray) -> None:
