@@ -77,6 +77,9 @@ class PageMap:
     def __init__(self):
         self.regions: list[Region] = []
         self._starts: list[int] = []
+        # bumped whenever the list of regions (or their arrays) changes: the
+        # native fault engine holds pointers into them and is told anew
+        self.generation = 0
 
     # --- lookup ------------------------------------------------------------
     def find(self, addr: int) -> tuple[Region | None, int]:
@@ -117,6 +120,7 @@ class PageMap:
         i = bisect.bisect_left(self._starts, r.start)
         self._starts.insert(i, r.start)
         self.regions.insert(i, r)
+        self.generation += 1
 
     def add(self, start: int, end: int, present: np.ndarray | None = None) -> Region:
         if self.overlapping(start, end):
@@ -158,6 +162,7 @@ class PageMap:
             i = self.regions.index(r)
             del self.regions[i]
             del self._starts[i]
+            self.generation += 1
             if lo > 0:
                 self._insert(r.part(0, lo))
             if hi < r.npages:
@@ -234,3 +239,4 @@ class PageMap:
             slots.release(r.slot[_region_owned(r, 0, r.npages)])
         self.regions.clear()
         self._starts.clear()
+        self.generation += 1

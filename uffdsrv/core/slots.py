@@ -19,8 +19,25 @@ class SwapFull(Exception):
 class Slots:
     def __init__(self, nslots: int):
         self.refs = np.zeros(nslots, dtype=np.uint16)
-        self.used = 0
-        self._low = 0  # no free slot below this index
+        # used, and the lowest index that may be free: in one array so the
+        # native fault engine updates them in place when it frees a slot
+        self.counters = np.zeros(2, dtype=np.int64)
+
+    @property
+    def used(self) -> int:
+        return int(self.counters[0])
+
+    @used.setter
+    def used(self, n: int) -> None:
+        self.counters[0] = n
+
+    @property
+    def _low(self) -> int:  # no free slot below this index
+        return int(self.counters[1])
+
+    @_low.setter
+    def _low(self, i: int) -> None:
+        self.counters[1] = i
 
     @property
     def nslots(self) -> int:
