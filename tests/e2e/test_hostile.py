@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from uffdsrv.core import protocol as p
-from uffdsrv.server.state import find_uffd
 from uffdsrv.system import proc, uffd
+from uffdsrv.system.procfs import find_uffd
 
 from ..conftest import Server, uffdsrv
 

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import pytest
 
-from uffdsrv.system import proc
+from uffdsrv.system import proc, procfs
 
 from .helpers import PAGE, WAIT, addr_of, anon, kernel_version, pattern, readable, root_missing
 
@@ -347,17 +347,17 @@ def test_pagemap_present_of_child_sees_its_own_pages(child):
 
 
 def test_tgid_of_thread():
-    assert proc.tgid_of(threading.get_native_id()) == os.getpid()
+    assert procfs.tgid_of(threading.get_native_id()) == os.getpid()
     ev = threading.Event()
     live = threading.Thread(target=ev.wait, args=(WAIT,), daemon=True)
     live.start()
     try:
         assert live.native_id != os.getpid()
-        assert proc.tgid_of(live.native_id) == os.getpid()
+        assert procfs.tgid_of(live.native_id) == os.getpid()
     finally:
         ev.set()
         live.join(WAIT)
-    assert proc.tgid_of(dead_pid()) is None
+    assert procfs.tgid_of(dead_pid()) is None
 
 
 def test_peer_credentials_of_socketpair():

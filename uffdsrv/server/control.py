@@ -30,7 +30,7 @@ import time
 
 from ..core import access, protocol
 from ..core.protocol import ProtocolError
-from ..system import ident, proc, uffd
+from ..system import ident, proc, procfs, uffd
 
 log = logging.getLogger("uffdsrv.control")
 MAX_FDS = 4
@@ -259,7 +259,7 @@ class Connection:
             forked = hello["flags"] & protocol.HELLO_FORKED
             if len(fds) != (0 if forked else 1):
                 raise ProtocolError(f"HELLO with {len(fds)} fds")
-            if not forked and not _is_uffd(fds[0]):
+            if not forked and not procfs.is_uffd(fds[0]):
                 raise ProtocolError("the fd sent with HELLO is not a userfaultfd")
             try:
                 if not forked and self._check_uffd(fds[0], hello):
@@ -401,13 +401,6 @@ def _check_owner(fd: int, pid: int, beacon: int) -> None:
         except OSError:
             pass
         raise foreign
-
-
-def _is_uffd(fd: int) -> bool:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]"
-    except OSError:
-        return False
 
 
 def linger(loop: asyncio.AbstractEventLoop, sock: socket.socket, seconds: float = 1.0) -> None:

@@ -1,7 +1,7 @@
 """The server: one process, one event loop (uvloop), many clients.
 
 Start: the swap file, the ring and its arena, the control socket, and the
-metrics endpoint. Each agent that says HELLO becomes a Client whose uffd
+metrics endpoint. Each agent that says HELLO becomes a ManagedProcess whose uffd
 the ring reads. Stop (SIGTERM/SIGINT): let reclaim batches in flight
 settle, put every reclaimed page back into its program, unregister, and
 exit; the programs go on unmanaged with all their data.
@@ -21,14 +21,14 @@ from ..core.batch import Batch
 from ..core.budgets import Budgets
 from ..core.pages import LOADING, PAGE, RESIDENT, SWAPPED
 from ..core.ranges import byte_ranges, runs
-from ..system import proc, uffd
+from ..system import proc, procfs, uffd
 from ..system.ring import Ring
 from .control import ControlSocket
 from .faults import MAX_READAHEAD, FaultPath, now_ms
-from .managed import AgentLink, Client
+from .journal_file import COMPACT_BYTES, JournalFile
+from .managed import AgentLink, ManagedProcess
 from .metrics import Metrics
 from .reclaim import BATCH_PAGES, NoAgent, ReclaimPath
-from .state import COMPACT_BYTES, Journal, find_uffd, starttime
 from .swap import Pool, SwapError, SwapFile
 
 log = logging.getLogger("uffdsrv")
@@ -51,7 +51,7 @@ class Server:
         self.swap = SwapFile(swap_path, swap_size)
         self.state_dir = state_dir or os.path.dirname(os.path.abspath(swap_path))
         try:
-            self.journal = Journal(self.state_dir)
+            self.journal = JournalFile(self.state_dir)
         except OSError as e:
             self.swap.close()
             raise SwapError(f"cannot open the journal in {self.state_dir}: {e.strerror}") from None
@@ -60,7 +60,7 @@ class Server:
         self.zap_flags = protocol.ZAP_MADVISE if zap_mode == "madvise" else 0
         self.metrics = Metrics()
         self.metrics.attach(self)
-        self.clients: dict[int, Client] = {}  # by uffd fd number
+        self.clients: dict[int, ManagedProcess] = {}  # by uffd fd number
         self.stopping = asyncio.Event()
 
     # --- lifecycle ------------------------------------------------------------
@@ -111,10 +111,10 @@ class Server:
         log.info("stopped; %d pages put back", restored)
 
     # --- clients ----------------------------------------------------------------
-    def by_pid(self, pid: int) -> Client | None:
+    def by_pid(self, pid: int) -> ManagedProcess | None:
         return next((c for c in self.clients.values() if c.pid == pid and not c.closed), None)
 
-    def attach_agent(self, conn, hello: dict, fd: int | None) -> tuple[Client, bool]:
+    def attach_agent(self, conn, hello: dict, fd: int | None) -> tuple[ManagedProcess, bool]:
         """A HELLO: a new process, a forked child, or an agent back after
         losing its server. Returns the client and whether fd was kept."""
         pid = conn.pid
@@ -132,15 +132,15 @@ class Server:
             if known is not None:
                 # the same pid with a new uffd: it exec'd, its old mm is gone
                 self.release(known)
-            client, kept = Client(fd, pid), True
+            client, kept = ManagedProcess(fd, pid), True
             client.pidfd = proc.pidfd_open(pid)
             self.loop.add_reader(client.pidfd, self.exited, client)
             client.private = hello["private"]
             client.beacon = hello["beacon"]
             client.auto_maps = bool(hello["flags"] & protocol.HELLO_AUTO_MAPS)
             client.cid = self.journal.new_cid()
-            client.starttime = starttime(pid) or 0
-            client.budget = self.budgets.for_client(client.comm, read_cgroup(pid))
+            client.starttime = procfs.starttime(pid) or 0
+            client.budget = self.budgets.for_client(client.comm, procfs.cgroup(pid))
             self.journal.add(journal.CLIENT, client.cid, pid, client.starttime, client.flags)
             self.journal.add(journal.AGENT, client.cid, *client.private, client.beacon)
             self.journal.flush()
@@ -161,21 +161,21 @@ class Server:
             asyncio.ensure_future(self.rescan(client))
         return client, kept
 
-    def agent_lost(self, client: Client, conn) -> None:
+    def agent_lost(self, client: ManagedProcess, conn) -> None:
         if client.agent is not None and client.agent.sock is conn.sock:
             client.agent.fail_all(ConnectionError(f"agent of pid {client.pid} disconnected"))
             client.agent = None
             client.agent_back.clear()
 
-    def zap_answered(self, client: Client, seq: int, result) -> None:
+    def zap_answered(self, client: ManagedProcess, seq: int, result) -> None:
         # The REMOVE events of this zap were read before the agent could
         # answer: apply them before anyone sees the zap finish.
         self.ring.harvest()
         if client.agent is not None:
             client.agent.answered(seq, result)
 
-    def forked(self, parent: Client, fd: int) -> None:
-        child = Client(fd, None, parent)
+    def forked(self, parent: ManagedProcess, fd: int) -> None:
+        child = ManagedProcess(fd, None, parent)
         child.pages = parent.pages.fork(self.swap.slots)
         child.private, child.beacon = parent.private, parent.beacon
         child.auto_maps = parent.auto_maps
@@ -186,11 +186,11 @@ class Server:
         self.metrics.clients.inc()
         log.info("pid %s forked", parent.pid)
 
-    def beacon(self, client: Client, tid: int) -> None:
+    def beacon(self, client: ManagedProcess, tid: int) -> None:
         """A forked child read its beacon page: its thread id names it."""
         if client.pid is not None:
             return
-        pid = proc.tgid_of(tid)
+        pid = procfs.tgid_of(tid)
         if pid is None:
             return
         try:
@@ -198,19 +198,18 @@ class Server:
         except OSError:
             return
         client.pid = pid
-        client.starttime = starttime(pid) or 0
+        client.starttime = procfs.starttime(pid) or 0
         self.journal.add(journal.BIND, client.cid, pid, client.starttime)
         self.journal.flush()
-        from .managed import read_comm
-        client.comm = read_comm(pid)
+        client.comm = procfs.comm(pid)
         self.loop.add_reader(client.pidfd, self.exited, client)
         log.info("pid %s is a child of %s", pid, client.parent_pid)
 
-    def exited(self, client: Client) -> None:
+    def exited(self, client: ManagedProcess) -> None:
         log.info("pid %s exited", client.pid)
         self.release(client)
 
-    def release(self, client: Client, unregister: bool = False) -> None:
+    def release(self, client: ManagedProcess, unregister: bool = False) -> None:
         if client.closed:
             return
         client.closed = True
@@ -239,7 +238,7 @@ class Server:
         self.metrics.clients.dec()
 
     # --- regions -----------------------------------------------------------------
-    async def rescan(self, client: Client) -> None:
+    async def rescan(self, client: ManagedProcess) -> None:
         """Manage the eligible mappings of the process that are not yet
         managed: register first, then read which pages are present (a page
         never present is a zero page)."""
@@ -273,7 +272,7 @@ class Server:
                     ahead = min(c.budget // 8, BATCH_PAGES * PAGE)
                     asyncio.ensure_future(self._enforce(c, max(0, c.budget - ahead)))
 
-    def _track_writes(self, client: Client) -> None:
+    def _track_writes(self, client: ManagedProcess) -> None:
         """Write tracking with synchronous write-protect faults (no access
         bits reach us): protect the resident pages of a budgeted program;
         the first write to each then faults once, the fault path marks the
@@ -287,7 +286,7 @@ class Server:
                 except OSError:
                     return
 
-    async def _enforce(self, client: Client, keep: int) -> None:
+    async def _enforce(self, client: ManagedProcess, keep: int) -> None:
         try:
             await self.reclaimer.reclaim(client, keep)
         except NoAgent:
@@ -304,7 +303,7 @@ class Server:
                     and not any(c.batches for c in self.clients.values())):
                 self.journal.rewrite(journal.snapshot(self._journaled()))
 
-    def manage(self, client: Client, start: int, end: int) -> None:
+    def manage(self, client: ManagedProcess, start: int, end: int) -> None:
         try:
             uffd.register(client.uffd, start, end - start, REGISTER_MODE)
             present = proc.pagemap_present(client.pid, start, (end - start) // PAGE)
@@ -338,7 +337,7 @@ class Server:
             self.journal.add(journal.REGION, client.cid, s, e)
         self.journal.flush()
 
-    async def unmanage(self, client: Client, start: int, end: int) -> None:
+    async def unmanage(self, client: ManagedProcess, start: int, end: int) -> None:
         """Put the range's reclaimed pages back, then stop managing it."""
         async with client.reclaim_lock:
             await self.restore(client, start, end)
@@ -354,7 +353,7 @@ class Server:
             self.journal.flush()
 
     # --- takeover after a crash ------------------------------------------------
-    def _journaled(self) -> list[Client]:
+    def _journaled(self) -> list[ManagedProcess]:
         return [c for c in self.clients.values() if not c.closed and c.cid]
 
     async def recover(self) -> None:
@@ -378,11 +377,11 @@ class Server:
         log.info("took over %d of %d programs from the journal; %d pages in swap",
                  taken, len(recovered), slots.used)
 
-    def _take_over(self, rec) -> Client | None:
+    def _take_over(self, rec) -> ManagedProcess | None:
         pid = rec.pid
-        if not pid or starttime(pid) != rec.starttime:
+        if not pid or procfs.starttime(pid) != rec.starttime:
             return None
-        num = find_uffd(pid)
+        num = procfs.find_uffd(pid)
         if num is None:
             log.error("pid %d: no uffd found to take over; its reclaimed pages wait", pid)
             return None
@@ -392,7 +391,7 @@ class Server:
         except OSError as e:
             log.error("pid %d: cannot take its uffd back: %s", pid, e)
             return None
-        client = Client(fd, pid)
+        client = ManagedProcess(fd, pid)
         client.pidfd, client.cid, client.starttime = pidfd, rec.cid, rec.starttime
         client.private, client.beacon = rec.private, rec.beacon
         client.auto_maps = bool(rec.flags & protocol.HELLO_AUTO_MAPS)
@@ -446,7 +445,7 @@ class Server:
                  client.pages.count(SWAPPED))
         return client
 
-    def settle_recovery(self, client: Client) -> None:
+    def settle_recovery(self, client: ManagedProcess) -> None:
         """The agent is back, so no zap of the dead server is still running,
         and the REMOVEs it raised were read before it could finish."""
         self.ring.harvest()
@@ -498,7 +497,7 @@ class Server:
                          "used_bytes": self.swap.slots.used * PAGE}}
 
     # --- putting pages back ------------------------------------------------------------
-    async def restore(self, client: Client, start: int = 0, end: int = 1 << 64) -> int:
+    async def restore(self, client: ManagedProcess, start: int = 0, end: int = 1 << 64) -> int:
         """Put every reclaimed page of the client (in [start, end)) back."""
         buf = ffi.new("char[]", MAX_READAHEAD * PAGE)
         addr = int(ffi.cast("uintptr_t", buf))
@@ -542,15 +541,3 @@ class Server:
             self.ring.harvest()
             await asyncio.sleep(0)
         return restored
-
-
-def read_cgroup(pid: int) -> str:
-    """The process's cgroup v2 path ("" when unknown)."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            for line in f:
-                if line.startswith("0::"):
-                    return line[3:].strip()
-    except OSError:
-        pass
-    return ""

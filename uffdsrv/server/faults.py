@@ -21,7 +21,7 @@ from ..core import journal
 from ..core.batch import cancel_page
 from ..core.pages import EMPTY, INFLIGHT, LOADING, PAGE, RESIDENT, SWAPPED
 from ..system import uffd
-from .managed import Client
+from .managed import ManagedProcess
 
 log = logging.getLogger("uffdsrv.faults")
 READ_MSGS = 64
@@ -38,19 +38,19 @@ class FaultPath:
         self.t_read = time.monotonic()  # when the batch being handled was read
 
     # --- reading the uffd ----------------------------------------------------
-    def start(self, client: Client) -> None:
+    def start(self, client: ManagedProcess) -> None:
         if client.read_buf is None:
             client.read_buf = ffi.new("char[]", READ_MSGS * uffd.MSG_SIZE)
         addr = int(ffi.cast("uintptr_t", client.read_buf))
         client.read_ud = self.ring.read(client.uffd, addr, READ_MSGS * uffd.MSG_SIZE, 0,
                                         lambda res, c=client: self._on_read(c, res))
 
-    def stop(self, client: Client) -> None:
+    def stop(self, client: ManagedProcess) -> None:
         if client.read_ud is not None:
             self.ring.cancel(client.read_ud)
             client.read_ud = None
 
-    def _on_read(self, client: Client, res: int) -> None:
+    def _on_read(self, client: ManagedProcess, res: int) -> None:
         client.read_ud = None
         if client.closed or res == -errno.ECANCELED:
             return
@@ -76,7 +76,7 @@ class FaultPath:
                 self.start(client)
 
     # --- events and faults -----------------------------------------------------
-    def handle(self, client: Client, msgs: np.ndarray) -> None:
+    def handle(self, client: ManagedProcess, msgs: np.ndarray) -> None:
         ev = msgs["event"]
         self.metrics.events(ev)
         self.t_read = time.monotonic()
@@ -101,7 +101,7 @@ class FaultPath:
             self.serve(client, faults["a1"].astype(np.int64) & PAGE_MASK,
                        faults["a0"].astype(np.int64), (faults["a2"] & 0xFFFFFFFF).astype(np.int64))
 
-    def serve(self, client: Client, addrs, flags, tids) -> None:
+    def serve(self, client: ManagedProcess, addrs, flags, tids) -> None:
         pages = client.pages
         zero, unprotect = [], []
         swapping = False
@@ -170,7 +170,7 @@ class FaultPath:
             self.ring.flush()
             self.ring.harvest()
 
-    def zero_fill(self, client: Client, addrs: np.ndarray) -> None:
+    def zero_fill(self, client: ManagedProcess, addrs: np.ndarray) -> None:
         addrs = np.unique(addrs)
         n, res = uffd.zeropage(client.uffd, addrs, np.full(len(addrs), PAGE, np.uint64))
         self.metrics.fault_served("zero", n, time.monotonic() - self.t_read)
@@ -191,14 +191,14 @@ class FaultPath:
             self.retry(client, addr)
 
     # --- retry after EAGAIN -------------------------------------------------------
-    def retry(self, client: Client, addr: int, flags: int = 0) -> None:
+    def retry(self, client: ManagedProcess, addr: int, flags: int = 0) -> None:
         client.retry.append((addr, flags))
         if not client.retry_scheduled:
             client.retry_scheduled = True
             self.server.loop.call_soon(self._retry, client)
             self.metrics.error("eagain")
 
-    def _retry(self, client: Client) -> None:
+    def _retry(self, client: ManagedProcess) -> None:
         client.retry_scheduled = False
         if client.closed:
             return
@@ -209,7 +209,7 @@ class FaultPath:
             self.serve(client, a[:, 0], a[:, 1], np.zeros(len(a), np.int64))
 
     # --- swap-in ------------------------------------------------------------------
-    def swap_in(self, client: Client, r, i: int, addr: int, tid: int = 0) -> None:
+    def swap_in(self, client: ManagedProcess, r, i: int, addr: int, tid: int = 0) -> None:
         """Read the page's slot and put it back with one COPY; when this
         thread's faults run sequentially, bring the pages reclaimed next to
         it along (the window doubles on each sequential fault, up to
@@ -239,7 +239,7 @@ class FaultPath:
         self.ring.read(self.swap.fd, buf, k * PAGE, slot0 * PAGE,
                        lambda res: self._loaded(client, r.start + i * PAGE, slots, buf, res))
 
-    def _loaded(self, client: Client, start: int, slots, buf: int, res: int) -> None:
+    def _loaded(self, client: ManagedProcess, start: int, slots, buf: int, res: int) -> None:
         k = len(slots)
         try:
             if client.closed:
@@ -266,7 +266,7 @@ class FaultPath:
             back = (r.state[i:i + k] == LOADING) & (r.slot[i:i + k] == slots[:k])
             r.state[i:i + k][back] = SWAPPED
 
-    def _copy(self, client: Client, start: int, slots, buf: int) -> None:
+    def _copy(self, client: ManagedProcess, start: int, slots, buf: int) -> None:
         r, i = client.pages.find(start)
         k = len(slots)
         if r is None or i + k > r.npages:
@@ -330,7 +330,7 @@ class FaultPath:
             r.state[i + f:i + f + ln] = SWAPPED
             self._refault(client, start + f * PAGE, ln)
 
-    def _refault(self, client: Client, start: int, npages: int) -> None:
+    def _refault(self, client: ManagedProcess, start: int, npages: int) -> None:
         """Pages of a swap-in that were not put back: other threads may wait
         on any of them (their faults were read and left to this COPY). Wake
         them all so they fault again, and serve the first one now."""
@@ -340,7 +340,7 @@ class FaultPath:
             pass
         self.retry(client, start)
 
-    def _gone_or_log(self, client: Client, e: OSError, what: str) -> None:
+    def _gone_or_log(self, client: ManagedProcess, e: OSError, what: str) -> None:
         if e.errno in (errno.ESRCH, errno.ENOENT):
             return
         self.metrics.error(what)

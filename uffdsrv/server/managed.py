@@ -6,6 +6,7 @@ import socket
 
 from ..core import protocol
 from ..core.pages import PAGE, RESIDENT, SWAPPED, PageMap
+from ..system import procfs
 
 
 class AgentLink:
@@ -43,8 +44,8 @@ class AgentLink:
         self.waiting.clear()
 
 
-class Client:
-    def __init__(self, uffd: int, pid: int | None, parent: "Client | None" = None):
+class ManagedProcess:
+    def __init__(self, uffd: int, pid: int | None, parent: "ManagedProcess | None" = None):
         self.uffd = uffd
         self.pid = pid
         self.pidfd: int | None = None
@@ -74,14 +75,14 @@ class Client:
         self.budget: int | None = parent.budget if parent else None
         self.readahead: dict[int, tuple[int, int]] = {}  # tid -> (next address, window)
         if pid is not None:
-            self.comm = read_comm(pid)
+            self.comm = procfs.comm(pid)
 
     @property
     def flags(self) -> int:
         return protocol.HELLO_AUTO_MAPS if self.auto_maps else 0
 
     def __repr__(self):
-        return f"Client(pid={self.pid}, uffd={self.uffd})"
+        return f"ManagedProcess(pid={self.pid}, uffd={self.uffd})"
 
     def status(self) -> dict:
         return {"pid": self.pid, "comm": self.comm,
@@ -108,11 +109,3 @@ class Client:
                 self.agent.sock.close()
             except OSError:
                 pass
-
-
-def read_comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"

@@ -25,7 +25,7 @@ from ..core.batch import Batch, bridgeable_gaps
 from ..core.pages import PAGE, RESIDENT, SWAPPED
 from ..core.ranges import byte_ranges, paired_runs, runs
 from ..system import proc, uffd
-from .managed import Client
+from .managed import ManagedProcess
 
 log = logging.getLogger("uffdsrv.reclaim")
 BATCH_PAGES = 4096
@@ -46,7 +46,7 @@ class ReclaimPath:
         self.full_logged = False
         self.rng = np.random.default_rng()
 
-    async def reclaim(self, client: Client, keep_bytes: int = 0) -> int:
+    async def reclaim(self, client: ManagedProcess, keep_bytes: int = 0) -> int:
         """Reclaim until the client's resident managed memory is at most
         keep_bytes, or nothing more can go. Returns bytes reclaimed."""
         if client.agent is None:
@@ -83,7 +83,7 @@ class ReclaimPath:
                     break
         return reclaimed
 
-    async def batch(self, client: Client, region, idx: np.ndarray) -> int:
+    async def batch(self, client: ManagedProcess, region, idx: np.ndarray) -> int:
         t0 = time.monotonic()
         b = Batch(region, idx)
         client.batches[b.id] = b
@@ -187,7 +187,7 @@ class ReclaimPath:
             if reclaimed:
                 self.metrics.reclaimed(reclaimed // PAGE, time.monotonic() - t0)
 
-    def settle(self, client: Client, b: Batch, zapped, covered) -> None:
+    def settle(self, client: ManagedProcess, b: Batch, zapped, covered) -> None:
         """The batch is over: journal what did not end swapped, mark its
         zap settled, hand pages back, and serve the faults it held."""
         pages, slots = client.pages, self.swap.slots
@@ -210,7 +210,7 @@ class ReclaimPath:
         del client.batches[b.id]
 
     @staticmethod
-    def _absent(client: Client, region, idx: np.ndarray) -> np.ndarray | None:
+    def _absent(client: ManagedProcess, region, idx: np.ndarray) -> np.ndarray | None:
         """Which pages from idx[0] to idx[-1] are absent in the process
         (pagemap), or None if that cannot be read."""
         if len(idx) < 2:
@@ -222,7 +222,7 @@ class ReclaimPath:
         except OSError:
             return None
 
-    def _journal_unswapped(self, client: Client, addrs: np.ndarray) -> None:
+    def _journal_unswapped(self, client: ManagedProcess, addrs: np.ndarray) -> None:
         """Pages of the zap that did not end up swapped hold no slot any
         more: say so before their SWAP record could mislead a restart."""
         back = addrs[client.pages.states_at(addrs) != SWAPPED]

@@ -91,17 +91,6 @@ def pagemap_present(pid: int, start: int, npages: int) -> np.ndarray:
     return out
 
 
-def tgid_of(tid: int) -> int | None:
-    try:
-        with open(f"/proc/{tid}/status") as f:
-            for line in f:
-                if line.startswith("Tgid:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def peer_credentials(sock) -> tuple[int, int, int]:
     import socket
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

@@ -1,5 +1,5 @@
-"""The state directory: the journal file and the takeover of programs a
-previous server managed.
+"""The journal on disk: the append-only file in the state directory that
+core/journal.py's records go to.
 
 The journal is appended with plain write(2) calls, batched per loop turn
 and always flushed before a zap is sent: the SWAP records of a batch are
@@ -21,7 +21,7 @@ def open_private(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
-class Journal:
+class JournalFile:
     def __init__(self, state_dir: str):
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         self.path = os.path.join(state_dir, "journal")
@@ -109,29 +109,3 @@ class Journal:
         self.flush()
         os.close(self.fd)
 
-
-def starttime(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: tells a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data[data.rindex(b")") + 2:].split()[19])
-
-
-def find_uffd(pid: int) -> int | None:
-    """The fd number of the agent's uffd in the process: the agent keeps it
-    at 900 or above; a program's own uffds sit lower."""
-    found = []
-    try:
-        for name in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[userfaultfd]":
-                    found.append(int(name))
-            except OSError:
-                continue
-    except OSError:
-        return None
-    high = [fd for fd in found if fd >= 900]
-    return min(high) if high else (found[0] if len(found) == 1 else None)
