@@ -29,6 +29,28 @@ class Batch:
     def __len__(self):
         return len(self.addrs)
 
+    @classmethod
+    def recovered(cls, pages: PageMap, region: Region, pending: np.ndarray,
+                  gaps: np.ndarray) -> "Batch":
+        """After a takeover: the pages whose zap a dead server may have sent
+        (journal.refine), held as a batch whose zap was sent, so that
+        faults on them wait and the REMOVEs still to come are expected.
+        Pending pages keep their slots, through the batch."""
+        slots_of = region.slot[pending].copy()
+        b = cls(region, pending)
+        b.set_slots(pages, np.arange(len(pending)), slots_of)
+        b.add_gaps(region, gaps)
+        b.expect_zap(pages, np.arange(len(b)))
+        return b
+
+    def give_back(self, pages: PageMap, positions: np.ndarray) -> None:
+        """Pages the swap file has no room for stay resident and out of the
+        zap (they stay write-protected until their next write faults)."""
+        sel = np.zeros(len(self.addrs), dtype=bool)
+        sel[positions] = True
+        for r, idx, pos in self._located(pages):
+            r.state[idx[sel[pos]]] = RESIDENT
+
     def _located(self, pages: PageMap):
         """(region, page index, position in batch) of the pages this batch
         still holds."""

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .pages import EMPTY, INFLIGHT, PAGE, SWAPPED, PageMap
+from .pages import EMPTY, INFLIGHT, PAGE, RESIDENT, SWAPPED, PageMap, Region
+from .ranges import paired_runs, runs
 from .slots import Slots
 
 REC = struct.Struct("<BxxxIQQQ")  # 32 bytes
@@ -151,22 +152,54 @@ def swap_records(cid: int, addrs, slots) -> list[bytes]:
     is adjacent in both address and slot."""
     addrs = np.asarray(addrs, dtype=np.int64)
     slots = np.asarray(slots, dtype=np.int64)
-    if not len(addrs):
-        return []
-    breaks = np.flatnonzero((np.diff(addrs) != PAGE) | (np.diff(slots) != 1)) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(addrs)]))
-    return [pack(SWAP, cid, int(addrs[s]), int(e - s), int(slots[s]))
-            for s, e in zip(starts.tolist(), ends.tolist())]
+    first, count = paired_runs(addrs // PAGE, slots)
+    return [pack(SWAP, cid, int(addrs[f]), int(n), int(slots[f]))
+            for f, n in zip(first.tolist(), count.tolist())]
 
 
-def settled_records(cid: int, addrs) -> list[bytes]:
-    """SETTLED records for pages at `addrs`, one per run of adjacent pages."""
+def _run_records(op: int, cid: int, addrs) -> list[bytes]:
     addrs = np.asarray(addrs, dtype=np.int64)
     if not len(addrs):
         return []
-    breaks = np.flatnonzero(np.diff(addrs) != PAGE) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(addrs)]))
-    return [pack(SETTLED, cid, int(addrs[s]), int(e - s))
-            for s, e in zip(starts.tolist(), ends.tolist())]
+    base = int(addrs[0])
+    first, count = runs((addrs - base) // PAGE)
+    return [pack(op, cid, base + int(f) * PAGE, int(n))
+            for f, n in zip(first.tolist(), count.tolist())]
+
+
+def settled_records(cid: int, addrs) -> list[bytes]:
+    """SETTLED records for the sorted pages at `addrs`, one per run."""
+    return _run_records(SETTLED, cid, addrs)
+
+
+def free_records(cid: int, addrs) -> list[bytes]:
+    """FREE records for the sorted pages at `addrs`, one per run."""
+    return _run_records(FREE, cid, addrs)
+
+
+@dataclass
+class Refined:
+    """What a region's journaled state becomes once the process is seen."""
+    freed: np.ndarray    # pages whose FREE the dead server did not write
+    pending: np.ndarray  # swapped, present, zap unsettled: not zapped yet
+    gaps: np.ndarray     # swapped, absent, zap unsettled: zapped, or stepped over
+
+
+def refine(region: Region, present: np.ndarray, slots: Slots) -> Refined:
+    """Correct a replayed region with the truth of the live process
+    (pagemap): a page never seen but present is resident; a page recorded
+    swapped whose zap had settled but that is present was faulted back in
+    (its slot goes back); a swapped page whose zap had not settled either
+    still waits for that zap (present) or was zapped (absent). The last two
+    are returned for the caller to hold as a batch until the agent is back;
+    `expect` is cleared here (the batch counts the REMOVEs anew)."""
+    st = region.state
+    st[present & (st == EMPTY)] = RESIDENT
+    back = np.flatnonzero(present & (st == SWAPPED) & (region.expect == 0))
+    if len(back):
+        slots.release(region.slot[back])
+        st[back], region.slot[back] = RESIDENT, -1
+    unsettled = (st == SWAPPED) & (region.expect > 0)
+    out = Refined(back, np.flatnonzero(present & unsettled), np.flatnonzero(~present & unsettled))
+    region.expect[:] = 0
+    return out

@@ -122,12 +122,16 @@ class PageMap:
         self.regions.insert(i, r)
         self.generation += 1
 
-    def add(self, start: int, end: int, present: np.ndarray | None = None) -> Region:
+    def add(self, start: int, end: int, present: np.ndarray | None = None,
+            now: int = 0) -> Region:
+        """A newly managed range: the present pages are resident (arrived
+        `now`, in ms), the rest empty."""
         if self.overlapping(start, end):
             raise ValueError(f"{start:#x}-{end:#x} overlaps a managed region")
         r = Region(start, (end - start) // PAGE)
         if present is not None:
             r.state[present] = RESIDENT
+        r.stamp[:] = now
         self._insert(r)
         return r
 

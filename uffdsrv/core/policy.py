@@ -14,9 +14,23 @@ is halved every so often so that old history fades (an LFU with aging).
 A batch takes pages of one region (one write-protect ioctl and one REMOVE
 per run of pages): the region holding most of the chosen pages.
 """
+import time
+
 import numpy as np
 
 from .pages import PAGE, RESIDENT, PageMap, Region
+
+
+def now_ms() -> int:
+    """The page map's clock (`stamp`): monotonic milliseconds, 32 bits."""
+    return int(time.monotonic() * 1000) & 0xFFFFFFFF
+
+
+def warm(r: Region, i: int) -> None:
+    """The page came back soon after it was taken: it is hot."""
+    if r.heat[i] < 255:
+        r.heat[i] += 1
+    r.stamp[i] = now_ms()
 
 
 def pick(pages: PageMap, limit: int, cursor: int = 0) -> tuple[Region | None, np.ndarray]:
