@@ -14,10 +14,10 @@ import argparse
 import json
 import logging
 import os
-import socket
 import sys
 
-from .core import budgets, protocol
+from . import ctl
+from .core import budgets
 from .core.access import parse_ids
 
 DEFAULT_SOCKET = "/run/uffdsrv/uffdsrv.sock"
@@ -110,32 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def request(path: str, req: dict, timeout: float | None = 600) -> dict:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    s.settimeout(timeout)
+    """The old entry point, kept for callers not yet on uffdsrv.ctl: the
+    same request, its failures as UsageError."""
+    req = dict(req)
     try:
-        s.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise UsageError(f"no uffdsrv server is listening on {path}") from None
-    except PermissionError:
-        raise UsageError(f"permission denied on {path}") from None
-    try:
-        s.send(protocol.pack_ctl(protocol.CTL, 1, req))
-        data = s.recv(protocol.MAX_MSG)
-    except TimeoutError:
-        raise UsageError("the server did not answer in time") from None
-    except OSError as e:
-        raise UsageError(f"talking to the server on {path}: {e.strerror}") from None
-    finally:
-        s.close()
-    if not data:
-        raise UsageError("the server closed the connection")
-    mtype, _ = protocol.header(data)
-    if mtype == protocol.ERROR:
-        raise UsageError(f"server: {protocol.parse_error(data)[1]}")
-    reply = protocol.parse_ctl(data)
-    if "error" in reply:
-        raise UsageError(f"server: {reply['error']}")
-    return reply
+        return ctl.request(path, req.pop("cmd"), timeout=timeout, **req)
+    except ctl.ControlError as e:
+        raise UsageError(_say(e)) from None
+
+
+def _say(e: "ctl.ControlError") -> str:
+    return str(e) if isinstance(e, ctl.Unreachable) else f"server: {e}"
 
 
 def cmd_serve(a) -> int:
@@ -162,10 +147,10 @@ def cmd_serve(a) -> int:
         if a.budget is not None:
             rules.default = a.budget
         server = Server(a.socket, a.swap, a.swap_size, a.metrics_addr, a.min_region,
-                        a.zap_mode, state_dir=a.state_dir, policy=a.policy, budgets=rules)
+                        a.zap_mode, state_dir=a.state_dir, policy=a.policy, budgets=rules,
+                        allow_uids=a.allow_uid or (), allow_gids=a.allow_gid or ())
     except SwapError as e:
         raise UsageError(str(e)) from None
-    server.allow_uids, server.allow_gids = a.allow_uid, a.allow_gid  # read by ControlSocket
 
     async def main():
         try:
@@ -198,7 +183,7 @@ def cmd_run(a) -> int:
 
 
 def cmd_status(a) -> int:
-    reply = request(a.socket, {"cmd": "status"}, timeout=30)
+    reply = ctl.request(a.socket, "status")
     if a.json:
         print(json.dumps(reply))
         return 0
@@ -215,22 +200,26 @@ def cmd_status(a) -> int:
 
 
 def cmd_reclaim(a) -> int:
-    reply = request(a.socket, {"cmd": "reclaim", "pid": a.pid, "keep_bytes": a.keep_bytes})
+    # a reclaim of a large program takes a while: wait for it
+    reply = ctl.request(a.socket, "reclaim", timeout=600, pid=a.pid, keep_bytes=a.keep_bytes)
     print(json.dumps({"reclaimed_bytes": reply["reclaimed_bytes"]}))
     return 0
 
 
 def cmd_limit(a) -> int:
-    reply = request(a.socket, {"cmd": "limit", "pid": a.pid, "bytes": a.bytes}, timeout=30)
+    reply = ctl.request(a.socket, "limit", pid=a.pid, bytes=a.bytes)
     print(json.dumps(reply))
     return 0
 
 
 def cmd_top(a) -> int:
-    from .top import run
+    from .top import ScrapeError, run
     if not a.interval > 0:
         raise UsageError("uffdsrv top: --interval must be positive")
-    return run(a.socket, a.metrics_url, a.interval, a.once)
+    try:
+        return run(a.socket, a.metrics_url, a.interval, a.once)
+    except ScrapeError as e:
+        raise UsageError(str(e)) from None
 
 
 def main(argv=None) -> int:
@@ -238,6 +227,9 @@ def main(argv=None) -> int:
         a = build_parser().parse_args(argv)
         return {"serve": cmd_serve, "run": cmd_run, "status": cmd_status,
                 "reclaim": cmd_reclaim, "limit": cmd_limit, "top": cmd_top}[a.cmd](a)
+    except ctl.ControlError as e:
+        print(f"uffdsrv: {_say(e)}", file=sys.stderr)
+        return 2
     except UsageError as e:
         print(str(e) if str(e).startswith("uffdsrv") else f"uffdsrv: {e}", file=sys.stderr)
         return 2

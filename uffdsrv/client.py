@@ -137,21 +137,13 @@ def unregister(buf_or_addr: Any, length: int | None = None) -> None:
 def limit(nbytes: int | None) -> None:
     """Ask the server to hold this process to ``nbytes`` of resident managed
     memory (None: no budget). The server reclaims the coldest pages, a
-    batch at a time, whenever the process goes over."""
-    import socket
-
-    from .core import protocol
+    batch at a time, whenever the process goes over. Raises OSError when
+    the server refuses (its reason in the message) or cannot be reached."""
+    from . import ctl
 
     if _socket_path is None:
         raise OSError(errno.ENOTCONN, "uffdsrv limit: the agent is not started")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    s.settimeout(10)
     try:
-        s.connect(_socket_path)
-        s.send(protocol.pack_ctl(protocol.CTL, 1, {"cmd": "limit", "pid": os.getpid(),
-                                                   "bytes": nbytes}))
-        reply = protocol.parse_ctl(s.recv(protocol.MAX_MSG))
-    finally:
-        s.close()
-    if "error" in reply:
-        raise OSError(errno.EINVAL, f"uffdsrv limit: {reply['error']}")
+        ctl.request(_socket_path, "limit", timeout=10, pid=os.getpid(), bytes=nbytes)
+    except ctl.ControlError as e:
+        raise OSError(e.errno or errno.EINVAL, f"uffdsrv limit: {e}") from None

@@ -6,7 +6,12 @@ Each refresh asks the server for its `status` over the control socket
 (clients, their managed/resident/swapped bytes, the swap file) and, given
 --metrics-url, scrapes /metrics for the rest: faults by kind and their
 service time, reclaim and swap I/O, zap efficiency, the ring, errors.
-Rates are the difference between two refreshes. On a terminal the view is
+Rates are the difference between two refreshes. The machine's memory
+(/proc/meminfo) is shown against the moment top started: MemFree gained
+is the memory the server gave back to the machine, shown beside the
+managed programs' resident bytes and the page cache's growth (a swap file
+written through the page cache frees nothing: the pages only move from the
+program into the cache). On a terminal the view is
 drawn with rich and redrawn in place; otherwise (a pipe, a log) each
 refresh is printed as plain lines. --once takes two samples --interval
 apart, prints one view and exits.
@@ -20,9 +25,14 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .cli import UsageError, request
+from . import ctl
+from .system import procfs
 
 MIB = 1 << 20
+
+
+class ScrapeError(Exception):
+    """/metrics could not be read; str(e) says where and why."""
 
 
 @dataclass
@@ -30,6 +40,7 @@ class Sample:
     at: float
     status: dict
     metrics: dict = field(default_factory=dict)  # sample name -> {labels tuple: value}
+    meminfo: dict = field(default_factory=dict)  # /proc/meminfo, bytes
 
 
 def metrics_url(text: str) -> str:
@@ -46,7 +57,7 @@ def scrape(url: str, timeout: float = 5) -> dict:
             text = r.read().decode()
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
-        raise UsageError(f"cannot read metrics from {url}: {reason}") from None
+        raise ScrapeError(f"cannot read metrics from {url}: {reason}") from None
     out: dict = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -54,9 +65,9 @@ def scrape(url: str, timeout: float = 5) -> dict:
     return out
 
 
-def sample(socket: str, url: str | None) -> Sample:
-    status = request(socket, {"cmd": "status"}, timeout=30)
-    return Sample(time.monotonic(), status, scrape(url) if url else {})
+def sample(conn: ctl.Connection, url: str | None) -> Sample:
+    status = conn.request("status")
+    return Sample(time.monotonic(), status, scrape(url) if url else {}, procfs.meminfo())
 
 
 # --- figures ---------------------------------------------------------------------
@@ -117,8 +128,27 @@ def quantile(q: float, new: Sample, old: Sample | None, name: str) -> float | No
     return prev_b
 
 
-def figures(new: Sample, old: Sample | None) -> dict:
-    """Everything shown, as plain values (None: not known yet)."""
+def memory(new: Sample, ref: Sample | None) -> dict:
+    """The machine's memory against the reference sample: MemFree gained
+    (what was given back), page cache growth, and the managed programs'
+    resident bytes then and now. None where /proc/meminfo lacks it."""
+    def resident(s: Sample) -> int:
+        return sum(c["resident_bytes"] for c in s.status["clients"])
+
+    def delta(key: str) -> int | None:
+        if ref is None or key not in new.meminfo or key not in ref.meminfo:
+            return None
+        return new.meminfo[key] - ref.meminfo[key]
+    return {"memfree_bytes": new.meminfo.get("MemFree"),
+            "memfree_gained_bytes": delta("MemFree"),
+            "page_cache_growth_bytes": delta("Cached"),
+            "resident_bytes": resident(new),
+            "resident_change_bytes": None if ref is None else resident(new) - resident(ref)}
+
+
+def figures(new: Sample, old: Sample | None, ref: Sample | None = None) -> dict:
+    """Everything shown, as plain values (None: not known yet). Rates are
+    from old to new; the machine's memory from ref (default: old) to new."""
     m = new.metrics
     st = new.status
     old_faults = {c["pid"]: c["faults_total"] for c in (old.status["clients"] if old else [])}
@@ -129,7 +159,8 @@ def figures(new: Sample, old: Sample | None) -> dict:
         if dt > 0 and c["pid"] in old_faults:
             rate = max(c["faults_total"] - old_faults[c["pid"]], 0) / dt
         clients.append({**c, "faults_per_second": rate})
-    f: dict = {"clients": clients, "swap": st["swap"], "has_metrics": bool(m)}
+    f: dict = {"clients": clients, "swap": st["swap"], "has_metrics": bool(m),
+               "memory": memory(new, ref if ref is not None else old)}
     if not m:
         return f
     f["version"] = next((dict(k).get("version") for k in m.get("uffdsrv_build_info", {})), "?")
@@ -171,6 +202,10 @@ def _bytes(v: float | None) -> str:
     return "-" if v is None else f"{v / MIB:,.1f} MiB"
 
 
+def _signed(v: float | None) -> str:
+    return "-" if v is None else f"{v / MIB:+,.1f} MiB"
+
+
 def _secs(v: float | None) -> str:
     if v is None:
         return "-"
@@ -183,7 +218,13 @@ def summary_lines(f: dict) -> list[str]:
     """The non-client figures, one `name: values` line each."""
     s = f["swap"]
     head = f"swap: {_bytes(s['used_bytes'])} of {_bytes(s['size_bytes'])} used ({s['path']})"
-    lines = [head]
+    mem = f["memory"]
+    lines = [head,
+             f"memory: MemFree {_bytes(mem['memfree_bytes'])}, "
+             f"given back {_signed(mem['memfree_gained_bytes'])}  "
+             f"page cache {_signed(mem['page_cache_growth_bytes'])}  "
+             f"managed resident {_bytes(mem['resident_bytes'])} "
+             f"({_signed(mem['resident_change_bytes'])}) since start"]
     if not f["has_metrics"]:
         return lines + ["metrics: not scraped (give --metrics-url to see rates)"]
     fps = f["faults_per_second"]
@@ -253,12 +294,17 @@ def rich_view(f: dict):
 def run(socket: str, url: str | None, interval: float, once: bool, out=None) -> int:
     out = out or sys.stdout
     url = metrics_url(url) if url else None
+    with ctl.Connection(socket, timeout=30) as conn:
+        return _loop(conn, url, interval, once, out)
+
+
+def _loop(conn: ctl.Connection, url: str | None, interval: float, once: bool, out) -> int:
     tty = out.isatty()
-    old = sample(socket, url)
+    ref = old = sample(conn, url)  # ref: where "since start" counts from
     if once:
         time.sleep(interval)
-        new = sample(socket, url)
-        f = figures(new, old)
+        new = sample(conn, url)
+        f = figures(new, old, ref)
         if tty:
             from rich.console import Console
             Console(file=out).print(rich_view(f))
@@ -268,15 +314,15 @@ def run(socket: str, url: str | None, interval: float, once: bool, out=None) -> 
     if not tty:
         while True:
             time.sleep(interval)
-            new = sample(socket, url)
-            print(plain(figures(new, old)) + "\n", file=out, flush=True)
+            new = sample(conn, url)
+            print(plain(figures(new, old, ref)) + "\n", file=out, flush=True)
             old = new
     from rich.console import Console
     from rich.live import Live
-    with Live(rich_view(figures(old, None)), console=Console(file=out), screen=False,
+    with Live(rich_view(figures(old, None, ref)), console=Console(file=out), screen=False,
               auto_refresh=False) as live:
         while True:
             time.sleep(interval)
-            new = sample(socket, url)
-            live.update(rich_view(figures(new, old)), refresh=True)
+            new = sample(conn, url)
+            live.update(rich_view(figures(new, old, ref)), refresh=True)
             old = new
