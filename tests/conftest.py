@@ -1,7 +1,6 @@
 """Shared fixtures: a real server process, and real workloads run under the
 agent. Integration tests need root and the kernel interfaces; they skip,
 saying why, where those are missing."""
-import json
 import os
 import signal
 import subprocess
@@ -10,6 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from uffdsrv.core.budgets import parse_size
+from uffdsrv.harness import ServerError, ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = ROOT / "uffdsrv" / "_bin" / "workload"
@@ -44,32 +46,24 @@ def uffdsrv(*args, check=True, timeout=120) -> subprocess.CompletedProcess:
     return r
 
 
-class Server:
-    def __init__(self, tmp: Path, swap_size: str = "1G", extra=()):
-        self.dir = tmp
-        self.socket = str(tmp / "uffdsrv.sock")
-        self.swap = str(tmp / "swap")
-        self.log = tmp / "server.log"
-        self.args = ["serve", "--socket", self.socket, "--swap", self.swap,
-                     "--swap-size", swap_size, *extra]
-        self.proc = None
+class Server(ServerProcess):
+    """A server whose socket, swap file and log live in `tmp`, with the
+    helpers tests use. A restart is a new Server on the same directory."""
 
-    def start(self):
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([PY, "-m", "uffdsrv", *self.args], stdout=log,
-                                         stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.log.read_text()}")
-            if os.path.exists(self.socket) and uffdsrv("status", "--socket", self.socket,
-                                                       check=False).returncode == 0:
-                return self
-            time.sleep(0.05)
-        raise AssertionError("server did not come up")
+    def __init__(self, tmp: Path, swap_size: str = "1G", extra=(), swap: str | None = None,
+                 state_dir: str | None = None):
+        self.dir = Path(tmp)
+        self.log = self.dir / "server.log"
+        super().__init__(str(self.dir / "uffdsrv.sock"), swap or str(self.dir / "swap"),
+                         parse_size(swap_size), state_dir=state_dir, extra_args=extra,
+                         log_path=str(self.log))
 
-    def status(self) -> dict:
-        return json.loads(uffdsrv("status", "--socket", self.socket, "--json").stdout)
+    def start(self, timeout: float = 20) -> "Server":
+        try:
+            super().start(timeout)
+        except ServerError as e:
+            raise AssertionError(f"{e}\n{self.log_text()}") from None
+        return self
 
     def client(self, pid: int) -> dict:
         for c in self.status()["clients"]:
@@ -78,20 +72,13 @@ class Server:
         raise AssertionError(f"pid {pid} is not a client")
 
     def reclaim(self, pid: int, keep: int = 0) -> int:
-        r = uffdsrv("reclaim", "--socket", self.socket, "--pid", str(pid), "--keep-bytes",
-                    str(keep))
-        return json.loads(r.stdout)["reclaimed_bytes"]
+        return self.request("reclaim", pid=pid, keep_bytes=keep)["reclaimed_bytes"]
 
     def stop(self, sig=signal.SIGTERM, timeout=60) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError("server did not stop") from None
+            return super().stop(timeout, sig)
+        except ServerError as e:
+            raise AssertionError(str(e)) from None
 
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""

@@ -27,10 +27,7 @@ def small_fs(need_kernel, tmp_path):
 
 def test_full_disk_stops_reclaim_and_loses_nothing(small_fs, tmp_path):
     state = tmp_path / "state"
-    s = Server(tmp_path)
-    s.swap = str(small_fs / "swap")
-    s.args = ["serve", "--socket", s.socket, "--swap", s.swap, "--swap-size", "64M",
-              "--state-dir", str(state)]
+    s = Server(tmp_path, swap_size="64M", swap=str(small_fs / "swap"), state_dir=str(state))
     s.start()
     w = Workload(s.socket, mib=16)
     try:
