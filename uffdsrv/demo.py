@@ -6,6 +6,11 @@ it, reclaim its memory in phases and show, live, where its pages are.
 Phases: fill the workload's memory, reclaim all of it, then keep a hot set
 resident (every 8th page rewritten, 64 MiB kept); a full verify follows each
 phase. Exit 0 if every verify found 0 bad pages, 1 otherwise.
+
+Memory given back is the machine's: MemFree (/proc/meminfo) gained since
+the fill, shown beside the workload's resident bytes and the page cache's
+growth. A program's RSS going down proves nothing by itself: pages written
+to a file through the page cache only move into the kernel's cache.
 """
 import argparse
 import os
@@ -21,9 +26,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .cli import UsageError, positive_int, request
+from . import ctl
+from .cli import positive_int
+from .core.pages import PAGE
+from .harness import ServerError, ServerProcess
+from .system import procfs
 
-PAGE, MIB = 4096, 1 << 20
+MIB = 1 << 20
 PKG = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -40,6 +49,8 @@ class Demo:
         self.verified = self.bad = self.reclaimed = 0
         self.reclaim_time = self.peak = 0.0
         self.status, self.rates, self.stopping = None, {}, threading.Event()
+        self.mem_ref = self.mem = None  # /proc/meminfo after the fill, and now
+        self.last_given = None
 
     def spawn(self, argv, log, **kw):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -49,25 +60,24 @@ class Demo:
                                     stderr=out, start_new_session=True, **kw)
 
     def start(self):
-        self.server = self.spawn(["serve", "--socket", self.sock, "--swap-size", "1G", "--swap",
-                                  os.path.join(self.a.state_dir, "swap")], "server.log",
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        for _ in range(100):
-            self.check()
-            try:
-                return request(self.sock, {"cmd": "status"}, timeout=1)
-            except UsageError:
-                time.sleep(0.1)
-        raise Failure(f"the server did not answer on {self.sock}")
+        log = os.path.join(self.a.state_dir, "server.log")
+        with open(log, "wb"):
+            pass  # this run's log only
+        self.server = ServerProcess(self.sock, os.path.join(self.a.state_dir, "swap"), 1 << 30,
+                                    log_path=log)
+        try:
+            self.server.start(timeout=10)
+        except ServerError as e:
+            self.check()  # it exited: say with its last line
+            raise Failure(str(e).splitlines()[0]) from None
+        return self.server.status()
 
     def check(self):
         rc = self.server.poll()
         if rc is not None and rc < 0:
             raise Failure(f"the server was killed by signal {-rc}")
         if rc is not None:
-            with open(os.path.join(self.a.state_dir, "server.log"), errors="replace") as f:
-                last = (f.read().strip().splitlines() or ["no output"])[-1]
-            raise Failure(f"the server exited: {last}")
+            raise Failure(f"the server exited: {self.server.log_tail(1) or 'no output'}")
 
     def ask(self, line: str | None) -> list[str]:
         """One workload command (None: none, just read a line), one reply line."""
@@ -100,19 +110,16 @@ class Demo:
             except (OSError, subprocess.TimeoutExpired):
                 w.kill()
                 w.wait()
-        if s and s.poll() is None:
-            s.send_signal(signal.SIGTERM)
-            try:
-                s.wait(10)
-            except subprocess.TimeoutExpired:
-                s.kill()
-                s.wait()
-                return False
-        return s is None or s.returncode == 0
+        if s is None:
+            return True
+        try:
+            return s.stop(timeout=10) == 0
+        except ServerError:
+            return False
 
     def reclaim(self, keep: int):
         t = time.monotonic()
-        r = request(self.sock, {"cmd": "reclaim", "pid": self.workload.pid, "keep_bytes": keep})
+        r = self.server.request("reclaim", pid=self.workload.pid, keep_bytes=keep)
         self.reclaim_time += time.monotonic() - t
         self.reclaimed += r["reclaimed_bytes"] // PAGE
         self.rss_kb = int(self.ask("rss")[1])
@@ -127,10 +134,13 @@ class Demo:
         # The server finds new mappings by rescanning /proc/PID/maps when the
         # agent connects (racing with the workload's mmap) and on reclaim: a
         # reclaim that keeps everything makes it manage the buffer before fill.
-        request(self.sock, {"cmd": "reclaim", "pid": self.workload.pid, "keep_bytes": 1 << 40})
+        self.server.request("reclaim", pid=self.workload.pid, keep_bytes=1 << 40)
         self.phase = f"fill: write all {self.a.mib} MiB"
         self.ask("fill 1")
         self.verify()
+        # what reclaim gives back counts from here, with the workload's
+        # memory in use
+        self.mem = self.mem_ref = procfs.meminfo()
         end = self.t0 + self.a.seconds
         a_end = time.monotonic() + (end - time.monotonic()) * 0.35
         self.phase = "reclaim all: keep 0 MiB, hold 2 s, verify"
@@ -155,6 +165,8 @@ class Demo:
         self.phase = "final: reclaim all, verify"
         self.reclaim(0)
         time.sleep(1)
+        self.mem = procfs.meminfo()
+        self.last_given = self.given_back()
         self.verify()
         time.sleep(0.5)  # one more status poll for the last frame
 
@@ -162,9 +174,11 @@ class Demo:
         prev, printed = {}, 0.0
         while not self.stopping.wait(0.25):
             try:
-                st = request(self.sock, {"cmd": "status"}, timeout=5)
-            except UsageError:
+                st = self.server.status()
+            except ctl.ControlError:
                 continue
+            if self.mem_ref is not None:
+                self.mem = procfs.meminfo()
             now, rates = time.monotonic(), {}
             for c in st["clients"]:
                 if c["pid"] in prev:
@@ -183,6 +197,19 @@ class Demo:
         phase, n, bad = self.last_verify
         return f"{n} pages, {bad} bad ({phase})"
 
+    def given_back(self) -> tuple[int, int] | None:
+        """(MemFree gained, page cache growth) since the fill, in bytes."""
+        if self.mem_ref is None or self.mem is None:
+            return None
+        return (self.mem.get("MemFree", 0) - self.mem_ref.get("MemFree", 0),
+                self.mem.get("Cached", 0) - self.mem_ref.get("Cached", 0))
+
+    def memory_text(self) -> str:
+        g = self.given_back()
+        if g is None:
+            return "- (counted from the end of the fill)"
+        return f"MemFree {g[0] / MIB:+.0f} MiB, page cache {g[1] / MIB:+.0f} MiB since the fill"
+
     def line(self) -> str:
         parts = [f"[{time.monotonic() - self.t0:3.0f}s] {self.phase.split(':')[0]:<11}"]
         for c in self.status["clients"]:
@@ -191,6 +218,9 @@ class Demo:
                          f"faults/s {self.rates.get(c['pid'], 0):.0f}")
         if self.rss_kb is not None:
             parts.append(f"VmRSS {self.rss_kb / 1024:.0f} MiB")
+        g = self.given_back()
+        if g is not None:
+            parts.append(f"given back {g[0] / MIB:+.0f} MiB (page cache {g[1] / MIB:+.0f})")
         parts.append(f"verify: {self.verify_text()}")
         return " | ".join(parts)
 
@@ -217,6 +247,7 @@ class Demo:
             if sw else "swap file  -",
             "workload VmRSS  " + (f"{self.rss_kb / 1024:.1f} MiB" if self.rss_kb else "-")
             + "  (rss, after each step)",
+            "given back to the machine  " + self.memory_text(),
             Text("last verify  " + self.verify_text(),
                  style="red" if self.last_verify and self.last_verify[2] else "green"),
             f"reclaimed  {self.reclaimed * PAGE / MIB:.0f} MiB in {self.reclaim_time:.2f} s",
@@ -269,6 +300,10 @@ def main(argv=None) -> int:
     rate = d.reclaimed / d.reclaim_time if d.reclaim_time else 0
     print(f"verified {d.verified} pages, {d.bad} bad\npeak fault rate {d.peak:,.0f} faults/s\n"
           f"reclaimed {d.reclaimed} pages at {rate:,.0f} pages/s")
+    if d.last_given is not None:
+        print(f"given back to the machine after the last reclaim: MemFree "
+              f"{d.last_given[0] / MIB:+.0f} MiB, page cache {d.last_given[1] / MIB:+.0f} MiB "
+              f"(the workload's {a.mib} MiB against the end of the fill)")
     if not clean:
         print("uffdsrv demo: the server did not stop cleanly "
               f"(see {a.state_dir}/server.log)", file=sys.stderr)
