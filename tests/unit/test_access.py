@@ -1,9 +1,9 @@
 """Access rules and the kernel text they read (core/access.py), and the log
-limiter of the control socket."""
+limiter of the control socket (core/ratelimit.py)."""
 import pytest
 
 from uffdsrv.core import access
-from uffdsrv.server.control import LogLimit
+from uffdsrv.core.ratelimit import LogLimit
 
 SMAPS = """\
 55d0c0000000-55d0c0021000 rw-p 00000000 00:00 0                          [heap]
