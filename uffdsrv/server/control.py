@@ -18,7 +18,7 @@ Hostile peers (tests/e2e/test_hostile.py fuzzes all of this):
   must show in the peer's /proc/PID/smaps. A uffd of another process works
   on that process's memory whoever holds it; the server refuses it.
 * which ranges: REGISTER is checked against the peer's own /proc/PID/maps
-  (daemon.api_region) and acts through the peer's own, verified uffd."""
+  (regions.api_region) and acts through the peer's own, verified uffd."""
 import array
 import asyncio
 import errno
@@ -27,17 +27,20 @@ import os
 import socket
 import stat
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..core import access, protocol
+from ..core.pages import PAGE
 from ..core.protocol import ProtocolError
 from ..system import ident, proc, procfs, uffd
+from .managed import Registry
 
 log = logging.getLogger("uffdsrv.control")
 MAX_FDS = 4
 MAX_CONNS = 4096  # connections at once; more are refused
 MAX_INFLIGHT = 16  # requests of one connection awaiting their reply
 MAX_BURST = 64  # messages of one connection handled per wake-up
-PAGE = 4096
 
 
 class Refused(OSError):
@@ -74,9 +77,22 @@ def _warn(fmt: str, *args) -> None:
         log.warning(fmt + (f" ({held} more not logged)" if held else ""), *args)
 
 
+@dataclass(frozen=True)
+class Handlers:
+    """What the daemon does with what arrives."""
+    hello: Callable  # (conn, hello, uffd or None) -> (client, kept the fd)
+    agent_lost: Callable  # (client, conn)
+    zap_done: Callable  # (client, seq, (bytes, ranges, errno))
+    region: Callable  # async (pid, start, end, register)
+    request: Callable  # async (req, pid, uid, privileged) -> reply dict
+
+
 class ControlSocket:
-    def __init__(self, server, path: str, mode: int = 0o600):
-        self.server = server
+    def __init__(self, path: str, handlers: Handlers, clients: Registry, metrics,
+                 mode: int = 0o600, allow_uids=(), allow_gids=()):
+        self.handlers = handlers
+        self.clients = clients
+        self.metrics = metrics
         self.path = path
         self.conns: set[Connection] = set()
         d = os.path.dirname(os.path.abspath(path))
@@ -93,8 +109,8 @@ class ControlSocket:
             finally:
                 probe.close()
         self.server_uid = os.geteuid()
-        self.allow_uids = frozenset(getattr(server, "allow_uids", None) or ())
-        self.allow_gids = frozenset(getattr(server, "allow_gids", None) or ())
+        self.allow_uids = frozenset(allow_uids or ())
+        self.allow_gids = frozenset(allow_gids or ())
         group = None
         if self.allow_uids or self.allow_gids:
             mode, group = access.socket_mode(self.allow_uids, self.allow_gids)
@@ -137,14 +153,14 @@ class ControlSocket:
                 # out of fds: the listening socket stays readable, so a
                 # level-triggered reader would spin; pause accepting
                 log.warning("accept: %s; pausing for 0.1 s", e)
-                self.server.metrics.error("accept")
+                self.metrics.error("accept")
                 self._pause()
                 return
             s.setblocking(False)
             conn = Connection(self, s)
             why = self._refusal(conn)
             if why is not None:
-                self.server.metrics.error("refused")
+                self.metrics.error("refused")
                 _warn("pid %s uid %s: refused: %s", conn.pid, conn.uid, why[1])
                 try:
                     s.send(protocol.pack_error(0, why[0], why[1]))
@@ -183,7 +199,8 @@ class ControlSocket:
 class Connection:
     def __init__(self, control: ControlSocket, sock: socket.socket):
         self.control = control
-        self.server = control.server
+        self.handlers = control.handlers
+        self.metrics = control.metrics
         self.sock = sock
         self.kind = None
         self.client = None
@@ -206,7 +223,7 @@ class Connection:
             pass
         self.control.conns.discard(self)
         if self.kind == "agent" and self.client is not None:
-            self.server.agent_lost(self.client, self)
+            self.handlers.agent_lost(self.client, self)
         linger(self.control.loop, self.sock)
 
     def send(self, data: bytes) -> None:
@@ -237,12 +254,12 @@ class Connection:
                     raise ProtocolError("message truncated")
                 fds = self.dispatch(data, fds)
             except ProtocolError as e:
-                self.server.metrics.error("protocol")
+                self.metrics.error("protocol")
                 _warn("pid %s: bad message: %s", self.pid, e)
                 self.send(protocol.pack_error(0, errno.EPROTO, str(e)))
                 self.close()
             except Exception:  # a bug of ours must cost this peer, not the server
-                self.server.metrics.error("internal")
+                self.metrics.error("internal")
                 log.exception("pid %s: message handling failed; dropping the peer", self.pid)
                 self.close()
             finally:
@@ -266,11 +283,11 @@ class Connection:
                     # the context this pid's client already holds: the
                     # agent is back, whatever its flags say
                     hello["flags"] |= protocol.HELLO_RECONNECT
-                self.client, kept = self.server.attach_agent(self, hello,
-                                                             None if forked else fds[0])
+                self.client, kept = self.handlers.hello(self, hello,
+                                                       None if forked else fds[0])
             except (LookupError, OSError) as e:
                 if isinstance(e, Refused):
-                    self.server.metrics.error("refused")
+                    self.metrics.error("refused")
                     _warn("pid %s: HELLO refused: %s", self.pid, e.strerror)
                 self.send(protocol.pack_error(seq, getattr(e, "errno", None) or errno.ESRCH,
                                               e.strerror if isinstance(e, Refused) else str(e)))
@@ -289,7 +306,7 @@ class Connection:
         if mtype == protocol.ZAP_DONE:
             if self.kind != "agent":
                 raise ProtocolError("ZAP_DONE from a connection that is not an agent")
-            self.server.zap_answered(self.client, seq, protocol.parse_zap_done(data))
+            self.handlers.zap_done(self.client, seq, protocol.parse_zap_done(data))
         elif mtype in (protocol.REGISTER, protocol.UNREGISTER):
             if fds:
                 raise ProtocolError("REGISTER/UNREGISTER with fds attached")
@@ -323,7 +340,7 @@ class Connection:
     def _check_uffd(self, fd: int, hello: dict) -> bool:
         """Refuse a uffd that is not this peer's to give; True if it is the
         context this pid's client already holds."""
-        for c in list(self.server.clients.values()):
+        for c in self.control.clients.all():
             if c.closed or c.uffd is None:
                 continue
             if ident.same_file(fd, c.uffd):
@@ -343,7 +360,7 @@ class Connection:
 
     async def _region(self, seq: int, start: int, end: int, register: bool) -> None:
         try:
-            await self.server.api_region(self.pid, start, end, register)
+            await self.handlers.region(self.pid, start, end, register)
             reply = protocol.pack(protocol.OK, seq)
         except (LookupError, OSError, ValueError) as e:
             reply = protocol.pack_error(seq, getattr(e, "errno", None) or errno.EINVAL, str(e))
@@ -352,7 +369,7 @@ class Connection:
 
     async def _ctl(self, seq: int, req: dict) -> None:
         try:
-            reply = await self.server.control_request(req, self)
+            reply = await self.handlers.request(req, self.pid, self.uid, self.privileged)
         except Exception as e:  # a failed request must not take the server down
             log.exception("control request %r failed", req.get("cmd"))
             reply = {"error": f"{type(e).__name__}: {e}"}

@@ -1,5 +1,6 @@
 """A managed process as the server sees it: its uffd, its page map, the
-link to its agent, and the work in flight on it."""
+link to its agent, and the work in flight on it; and the registry of all
+of them, which every path is handed instead of the whole server."""
 import asyncio
 import os
 import socket
@@ -109,3 +110,34 @@ class ManagedProcess:
                 self.agent.sock.close()
             except OSError:
                 pass
+
+
+class Registry:
+    """The managed processes, by the fd number of their uffd (the ring's
+    reads name a client by it)."""
+
+    def __init__(self):
+        self._by_uffd: dict[int, ManagedProcess] = {}
+
+    def add(self, client: ManagedProcess) -> None:
+        self._by_uffd[client.uffd] = client
+
+    def remove(self, client: ManagedProcess) -> None:
+        self._by_uffd = {k: v for k, v in self._by_uffd.items() if v is not client}
+
+    def by_pid(self, pid: int) -> ManagedProcess | None:
+        return next((c for c in self._by_uffd.values() if c.pid == pid and not c.closed), None)
+
+    def all(self) -> list[ManagedProcess]:
+        """A copy: callers release clients while they walk it."""
+        return list(self._by_uffd.values())
+
+    def live(self) -> list[ManagedProcess]:
+        return [c for c in self._by_uffd.values() if not c.closed]
+
+    def journaled(self) -> list[ManagedProcess]:
+        """The clients a journal snapshot must hold."""
+        return [c for c in self._by_uffd.values() if not c.closed and c.cid]
+
+    def __len__(self) -> int:
+        return len(self._by_uffd)

@@ -40,10 +40,10 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .. import __version__
+from ..core.pages import PAGE
 from ..system import proc, uffd
 
 log = logging.getLogger("uffdsrv.metrics")
-PAGE = 4096
 
 EVENT_NAMES = {uffd.EVENT_PAGEFAULT: "pagefault", uffd.EVENT_FORK: "fork",
                uffd.EVENT_REMAP: "remap", uffd.EVENT_REMOVE: "remove",
@@ -103,7 +103,7 @@ class Metrics:
             "Fault service time, from reading the fault to resolving it, by how it was served",
             "kind", SERVED_KINDS, FAULT_BUCKETS)
         r.register(self.fault_seconds)
-        self._server = None
+        self._clients = self._swap = self._ring = None
         self._fault_kinds = {k: self.faults_total.labels(k) for k in FAULT_KINDS}
         self._event_types = {v: self.events_total.labels(n) for v, n in EVENT_NAMES.items()}
         self._event_types[None] = self.events_total.labels("other")
@@ -112,8 +112,9 @@ class Metrics:
         self.http = None
         r.register(_StateCollector(self))
 
-    def attach(self, server) -> None:
-        self._server = server
+    def observe(self, clients, swap, ring) -> None:
+        """What the figures read at scrape time come from."""
+        self._clients, self._swap, self._ring = clients, swap, ring
 
     def serve(self, host: str, port: int) -> None:
         got = start_http_server(port, addr=host, registry=self.registry)
@@ -226,7 +227,7 @@ class _StateCollector:
             yield from self._collect()
 
     def _collect(self):
-        server = self.metrics._server
+        m = self.metrics
         labels = ["pid", "comm"]
         kinds = ("managed", "resident", "swapped")
         what = {"managed": "Memory managed", "resident": "Managed memory resident",
@@ -245,8 +246,8 @@ class _StateCollector:
         budget = GaugeMetricFamily("uffdsrv_client_budget_bytes", "Budget of resident managed "
                                    "memory, per managed process that has one", labels=labels)
         totals = dict.fromkeys(kinds, 0)
-        if server is not None:
-            for c in list(server.clients.values()):
+        if m._clients is not None:
+            for c in m._clients.all():
                 if c.closed:
                     continue
                 try:
@@ -272,12 +273,12 @@ class _StateCollector:
         for k in kinds:
             yield GaugeMetricFamily(f"uffdsrv_{k}_bytes", f"{what[k]}, all processes",
                                     value=totals[k])
-        if server is not None:
-            swap = server.swap
+        if m._swap is not None:
+            swap = m._swap
             yield GaugeMetricFamily("uffdsrv_swap_size_bytes", "Swap file size", value=swap.size)
             yield GaugeMetricFamily("uffdsrv_swap_used_bytes", "Swap file bytes in use",
                                     value=swap.slots.used * PAGE)
-            ring = getattr(server, "ring", None)
+            ring = m._ring
             if ring is not None:
                 yield CounterMetricFamily("uffdsrv_ring_submissions",
                                           "io_uring_enter calls that submitted entries",

@@ -1,0 +1,117 @@
+"""Which memory of a process is managed.
+
+A program started with `uffdsrv run` has its private anonymous mappings
+managed as they appear (its /proc/PID/maps is read at HELLO, before each
+reclaim and every second); a program using the explicit API names its
+ranges itself. Either way: register first, then read which pages are
+present (pagemap), so that no page can become present unseen in between;
+a page never present is a zero page.
+"""
+import asyncio
+import errno
+import logging
+
+from ..core import journal, maps
+from ..core.pages import PAGE
+from ..core.policy import now_ms
+from ..system import proc, uffd
+from .journal_file import JournalFile
+from .managed import ManagedProcess, Registry
+
+log = logging.getLogger("uffdsrv.regions")
+REGISTER_MODE = uffd.REGISTER_MODE_MISSING | uffd.REGISTER_MODE_WP
+
+
+class Regions:
+    def __init__(self, clients: Registry, journal_file: JournalFile, swap, min_region: int,
+                 restore):
+        """restore(client, start, end): put the range's reclaimed pages back
+        (the fault path's swap-in), awaited before a range is let go."""
+        self.clients = clients
+        self.journal = journal_file
+        self.swap = swap
+        self.min_region = min_region
+        self.restore = restore
+
+    async def rescan(self, client: ManagedProcess) -> None:
+        """Manage the eligible mappings of the process that are not yet
+        managed."""
+        if not client.auto_maps or client.pid is None or client.closed:
+            return
+        try:
+            found = maps.eligible(maps.parse(proc.read_maps(client.pid)), self.min_region,
+                                  exclude=[client.private])
+        except OSError:
+            return
+        for start, end in found:
+            for s, e in client.pages.gaps(start, end):
+                self.manage(client, s, e)
+
+    async def rescan_forever(self, interval: float = 1.0) -> None:
+        """Programs map new memory as they run: manage it as it appears."""
+        while True:
+            await asyncio.sleep(interval)
+            for c in self.clients.all():
+                if c.auto_maps and not c.reclaim_lock.locked():
+                    await self.rescan(c)
+
+    def manage(self, client: ManagedProcess, start: int, end: int) -> None:
+        try:
+            uffd.register(client.uffd, start, end - start, REGISTER_MODE)
+            present = proc.pagemap_present(client.pid, start, (end - start) // PAGE)
+        except OSError as e:
+            if e.errno not in (errno.ENOMEM, errno.EINVAL, errno.ESRCH, errno.ENOENT):
+                log.warning("pid %s: cannot manage %#x-%#x: %s", client.pid, start, end, e)
+            return
+        client.pages.add(start, end, present, now_ms())
+        self.journal.add(journal.REGION, client.cid, start, end)
+        self.journal.flush()
+
+    async def api_region(self, pid: int, start: int, end: int, register: bool) -> None:
+        """REGISTER or UNREGISTER from the explicit API."""
+        client = self.clients.by_pid(pid)
+        if client is None:
+            raise LookupError(f"pid {pid} has no agent connected")
+        if not register:
+            await self.unmanage(client, start, end)
+            return
+        if start < client.private[1] and client.private[0] < end:
+            raise ValueError("range overlaps the agent's own mapping")
+        # what the program names explicitly may be anywhere in its private
+        # anonymous memory, even right above a guard page
+        anon = maps.eligible(maps.parse(proc.read_maps(pid)), 0, skip_thread_stacks=False)
+        covered = sum(min(e, end) - max(s, start) for s, e in anon if s < end and start < e)
+        if covered != end - start:
+            raise ValueError(f"{start:#x}-{end:#x} is not all private anonymous writable memory")
+        for s, e in client.pages.gaps(start, end):
+            uffd.register(client.uffd, s, e - s, REGISTER_MODE)
+            client.pages.add(s, e, proc.pagemap_present(pid, s, (e - s) // PAGE), now_ms())
+            self.journal.add(journal.REGION, client.cid, s, e)
+        self.journal.flush()
+
+    async def unmanage(self, client: ManagedProcess, start: int, end: int) -> None:
+        """Put the range's reclaimed pages back, then stop managing it."""
+        async with client.reclaim_lock:
+            await self.restore(client, start, end)
+            if client.closed:
+                return
+            for r, lo, hi in client.pages.overlapping(start, end):
+                try:
+                    uffd.unregister(client.uffd, r.start + lo * PAGE, (hi - lo) * PAGE)
+                except OSError as e:
+                    log.warning("pid %s: unregister: %s", client.pid, e)
+            client.pages.drop(start, end, self.swap.slots)
+            self.journal.add(journal.UNMAP, client.cid, start, end)
+            self.journal.flush()
+
+    def unregister_all(self, client: ManagedProcess) -> None:
+        """At a graceful stop, once every page is back: the program goes on
+        unmanaged."""
+        ranges = [(r.start, r.npages * PAGE) for r in client.pages.regions]
+        if client.beacon:
+            ranges.append((client.beacon, PAGE))
+        for start, length in ranges:
+            try:
+                uffd.unregister(client.uffd, start, length)
+            except OSError:
+                pass

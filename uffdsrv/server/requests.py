@@ -1,0 +1,66 @@
+"""The CLI's and the API's requests on the control socket: status, reclaim,
+limit. Every field is checked here; a peer that is neither root nor the
+server's uid acts on, and sees, its own pid only (control.py tells which
+peer is privileged, from SO_PEERCRED)."""
+from ..core.pages import PAGE
+from .managed import Registry
+from .reclaim import NoAgent
+
+
+class Requests:
+    def __init__(self, clients: Registry, swap, reclaim):
+        """reclaim(client, keep_bytes) -> bytes reclaimed."""
+        self.clients = clients
+        self.swap = swap
+        self.reclaim = reclaim
+
+    async def handle(self, req: dict, pid: int, uid: int, privileged: bool) -> dict:
+        cmd = req.get("cmd")
+        if not privileged:
+            if "pid" in req and req["pid"] != pid:
+                return {"error": f"uid {uid} may act only on its own pid {pid}"}
+            if cmd == "status":
+                st = self.status()
+                st["clients"] = [c for c in st["clients"] if c["pid"] == pid]
+                return st
+        if cmd == "status":
+            return self.status()
+        if cmd == "reclaim":
+            return await self._reclaim(req)
+        if cmd == "limit":
+            return self._limit(req)
+        return {"error": f"unknown command {cmd!r}"}
+
+    async def _reclaim(self, req: dict) -> dict:
+        pid, keep = req.get("pid"), req.get("keep_bytes", 0)
+        if not _is_int(pid) or not _is_int(keep) or keep < 0:
+            return {"error": "reclaim needs an integer pid and keep_bytes >= 0"}
+        client = self.clients.by_pid(pid)
+        if client is None:
+            return {"error": f"pid {pid} is not a managed process"}
+        try:
+            return {"reclaimed_bytes": await self.reclaim(client, keep)}
+        except NoAgent as e:
+            return {"error": str(e)}
+
+    def _limit(self, req: dict) -> dict:
+        pid, limit = req.get("pid"), req.get("bytes")
+        if not _is_int(pid) or not (limit is None or _is_int(limit)) \
+                or (limit is not None and limit < 0):
+            return {"error": "limit needs an integer pid and bytes >= 0 (or null)"}
+        client = self.clients.by_pid(pid)
+        if client is None:
+            return {"error": f"pid {pid} is not a managed process"}
+        client.budget = limit
+        return {"pid": pid, "budget_bytes": limit}
+
+    def status(self) -> dict:
+        swap = self.swap
+        return {"clients": [c.status() for c in self.clients.all() if c.pid is not None],
+                "swap": {"path": swap.path, "size_bytes": swap.size,
+                         "used_bytes": swap.slots.used * PAGE,
+                         "io_mode": getattr(swap, "io_mode", "buffered")}}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
