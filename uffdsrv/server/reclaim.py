@@ -31,6 +31,7 @@ log = logging.getLogger("uffdsrv.reclaim")
 BATCH_PAGES = 4096
 AGENT_WAIT = 5.0  # seconds a reclaim request waits for a client's agent to come back
 MAX_GAP = 64  # absent pages a write-protect or zap range may step over
+WP_RETRY_SECONDS = 2.0  # how long a batch retries a write-protect the kernel answers EAGAIN
 AGE_AFTER = 8  # halve the pages' heat after reclaiming this many times the managed pages
 
 
@@ -39,10 +40,23 @@ class NoAgent(Exception):
 
 
 class ReclaimPath:
-    def __init__(self, server):
-        self.server = server
-        self.swap = server.swap
-        self.metrics = server.metrics
+    def __init__(self, loop, ring, swap, journal_file, metrics, buffers, executor,
+                 policy_name: str, zap_flags: int, rescan, serve_held):
+        """buffers: the staging pool (swap.Pool) a batch copies out into;
+        executor: the threads process_vm_readv runs on; rescan(client):
+        manage what the program mapped since; serve_held(client, addrs):
+        serve the faults a settled batch held (the fault path)."""
+        self.loop = loop
+        self.ring = ring
+        self.swap = swap
+        self.journal = journal_file
+        self.metrics = metrics
+        self.buffers = buffers
+        self.executor = executor
+        self.policy = policy_name
+        self.zap_flags = zap_flags
+        self.rescan = rescan
+        self.serve_held = serve_held
         self.full_logged = False
         self.rng = np.random.default_rng()
 
@@ -58,7 +72,7 @@ class ReclaimPath:
                     from None
         reclaimed = 0
         async with client.reclaim_lock:
-            await self.server.rescan(client)
+            await self.rescan(client)
             # one pass: a program that keeps faulting pages back in must not
             # keep a reclaim request running for ever
             budget = client.pages.count(RESIDENT)
@@ -67,7 +81,7 @@ class ReclaimPath:
                 if excess <= 0:
                     break
                 region, idx = policy.choose(client.pages, min(excess, BATCH_PAGES),
-                                            self.server.policy, self.rng,
+                                            self.policy, self.rng,
                                             client.reclaim_cursor)
                 if region is None:
                     break
@@ -98,16 +112,12 @@ class ReclaimPath:
             # flush per run instead of one per page of a sparse heap
             gaps = bridgeable_gaps(region, idx, MAX_GAP, self._absent(client, region, idx))
             wp = byte_ranges(region.start, np.union1d(idx, gaps)) if len(gaps) else (starts, lens)
-            try:
-                uffd.writeprotect(client.uffd, *wp, True)
-            except OSError as e:
-                log.warning("write-protect for pid %s: %s", client.pid, e)
-                self.metrics.error("writeprotect")
+            if not await self._protect(client, wp):
                 return 0
-            buf = await self.server.reclaim_pool.acquire()
+            buf = await self.buffers.acquire()
             n = len(idx)
-            got = await self.server.loop.run_in_executor(
-                self.server.executor, proc.vm_readv, client.pid, buf, starts, lens)
+            got = await self.loop.run_in_executor(
+                self.executor, proc.vm_readv, client.pid, buf, starts, lens)
             if got != n * PAGE:
                 raise OSError(errno.EFAULT, f"process_vm_readv read {got} of {n * PAGE} bytes")
             zero = proc.zero_pages(buf, n)
@@ -120,11 +130,7 @@ class ReclaimPath:
                               "nothing is lost", self.swap.path, slots.nslots)
                     self.full_logged = True
                 self.metrics.error("swap_full")
-                # pages without a slot stay resident: drop them from the batch
-                for p in data[len(got_slots):].tolist():
-                    rr, i = pages.find(int(b.addrs[p]))
-                    if rr is not None and rr.batch[i] == b.id:
-                        rr.state[i] = RESIDENT
+                b.give_back(pages, data[len(got_slots):])
                 data = data[:len(got_slots)]
             else:
                 self.full_logged = False
@@ -136,7 +142,7 @@ class ReclaimPath:
             # zap across gaps of absent pages too: one REMOVE round trip per run
             r0, _ = pages.find(int(b.addrs[live[0]]))
             gap_pos = np.zeros(0, dtype=np.int64)
-            per_page = self.server.zap_flags & protocol.ZAP_MADVISE
+            per_page = self.zap_flags & protocol.ZAP_MADVISE
             if not per_page and r0 is not None and r0.end > int(b.addrs[live[-1]]):
                 lidx = (b.addrs[live] - r0.start) // PAGE
                 gap_pos = b.add_gaps(r0, bridgeable_gaps(r0, lidx, MAX_GAP,
@@ -150,11 +156,11 @@ class ReclaimPath:
             else:
                 zstarts, zlens = self._ranges(b.addrs[zap_pos])
             # the page map is on disk before any page can go
-            jr = self.server.journal
             # (swapped pages the ranges step over too: a restart must know
             # that the REMOVE it may read for them is ours)
             with_slot = zap_pos[b.slots[zap_pos] >= 0]
-            jr.commit(journal.swap_records(client.cid, b.addrs[with_slot], b.slots[with_slot]))
+            self.journal.commit(journal.swap_records(client.cid, b.addrs[with_slot],
+                                                     b.slots[with_slot]))
             zapped, covered = b.addrs[live], b.addrs[zap_pos]
             b.expect_zap(pages, zap_pos)
             t_zap = time.monotonic()
@@ -183,9 +189,31 @@ class ReclaimPath:
             else:
                 self.settle(client, b, zapped, covered)
             if buf is not None:
-                self.server.reclaim_pool.release(buf)
+                self.buffers.release(buf)
             if reclaimed:
                 self.metrics.reclaimed(reclaimed // PAGE, time.monotonic() - t0)
+
+    async def _protect(self, client: ManagedProcess, ranges) -> bool:
+        """Write-protect the batch. EAGAIN means the mm is changing (an
+        event of the program's is unread): read the events, let the
+        program's thread run, and try again, as the fault path does; a busy
+        program (malloc and free all the time) would otherwise never be
+        reclaimed."""
+        deadline = time.monotonic() + WP_RETRY_SECONDS
+        while True:
+            try:
+                uffd.writeprotect(client.uffd, *ranges, True)
+                return True
+            except OSError as e:
+                if e.errno == errno.EAGAIN and time.monotonic() < deadline \
+                        and not client.closed:
+                    self.ring.harvest()
+                    await asyncio.sleep(0)
+                    continue
+                if e.errno not in (errno.ESRCH, errno.ENOENT):
+                    log.warning("write-protect for pid %s: %s", client.pid, e)
+                    self.metrics.error("writeprotect")
+                return False
 
     def settle(self, client: ManagedProcess, b: Batch, zapped, covered) -> None:
         """The batch is over: journal what did not end swapped, mark its
@@ -193,9 +221,8 @@ class ReclaimPath:
         pages, slots = client.pages, self.swap.slots
         if zapped is not None:
             self._journal_unswapped(client, zapped)
-            jr = self.server.journal
-            jr.extend(journal.settled_records(client.cid, covered))
-            jr.flush()
+            self.journal.extend(journal.settled_records(client.cid, covered))
+            self.journal.flush()
         unprotect = b.settle(pages, slots)
         if len(unprotect) and not client.closed:
             us, ul = self._ranges(unprotect)
@@ -204,9 +231,7 @@ class ReclaimPath:
             except OSError as e:
                 log.debug("unprotect for pid %s: %s", client.pid, e)
         if b.held and not client.closed:
-            held = np.unique(np.array(b.held, dtype=np.int64))
-            self.server.faults.serve(client, held, np.zeros(len(held), np.int64),
-                                     np.zeros(len(held), np.int64))
+            self.serve_held(client, np.unique(np.array(b.held, dtype=np.int64)))
         del client.batches[b.id]
 
     @staticmethod
@@ -227,11 +252,8 @@ class ReclaimPath:
         more: say so before their SWAP record could mislead a restart."""
         back = addrs[client.pages.states_at(addrs) != SWAPPED]
         if len(back):
-            jr = self.server.journal
-            first, count = runs((back - back[0]) // PAGE)
-            for f, c in zip(first.tolist(), count.tolist()):
-                jr.add(journal.FREE, client.cid, int(back[0]) + f * PAGE, c)
-            jr.flush()
+            self.journal.extend(journal.free_records(client.cid, back))
+            self.journal.flush()
 
     async def write(self, buf: int, positions: np.ndarray, slots: np.ndarray) -> None:
         """One ring write per run of pages that are adjacent both in the
@@ -239,7 +261,7 @@ class ReclaimPath:
         if not len(positions):
             return
         first, count = paired_runs(positions, slots)
-        ring = self.server.ring
+        ring = self.ring
         futs = [ring.write_async(self.swap.fd, buf + int(positions[f]) * PAGE, int(c) * PAGE,
                                  int(slots[f]) * PAGE)
                 for f, c in zip(first.tolist(), count.tolist())]
@@ -279,7 +301,7 @@ class ReclaimPath:
         addrs = b.addrs[live]
         want = addrs[addrs < zapped_end]
         for attempt in range(2000):
-            self.server.ring.harvest()
+            self.ring.harvest()
             if not self._expecting(client, want):
                 return True
             await asyncio.sleep(0 if attempt < 1000 else 0.001)
