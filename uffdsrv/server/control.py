@@ -11,12 +11,8 @@ Hostile peers (tests/e2e/test_hostile.py fuzzes all of this):
   most MAX_INFLIGHT requests in flight per connection, at most MAX_BURST
   messages handled per wake-up so one peer cannot starve the loop; accept
   backs off on EMFILE instead of spinning.
-* which uffd: the one sent with HELLO must have been through UFFDIO_API
-  with the required features (what the kernel says, not what HELLO
-  claims), must not be another client's context (kcmp), and must act on
-  the peer's own memory: registering the peer's beacon page through it
-  must show in the peer's /proc/PID/smaps. A uffd of another process works
-  on that process's memory whoever holds it; the server refuses it.
+* which uffd: only one that acts on the peer's own memory and is no other
+  client's (admission.py).
 * which ranges: REGISTER is checked against the peer's own /proc/PID/maps
   (regions.api_region) and acts through the peer's own, verified uffd."""
 import array
@@ -31,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core import access, protocol
-from ..core.pages import PAGE
 from ..core.protocol import ProtocolError
-from ..system import ident, proc, procfs, uffd
+from ..system import ident, proc, procfs
+from . import admission
 from .managed import Registry
 
 log = logging.getLogger("uffdsrv.control")
@@ -41,10 +37,6 @@ MAX_FDS = 4
 MAX_CONNS = 4096  # connections at once; more are refused
 MAX_INFLIGHT = 16  # requests of one connection awaiting their reply
 MAX_BURST = 64  # messages of one connection handled per wake-up
-
-
-class Refused(OSError):
-    """A well-formed request the server will not honour: ERROR, then drop."""
 
 
 class LogLimit:
@@ -279,18 +271,20 @@ class Connection:
             if not forked and not procfs.is_uffd(fds[0]):
                 raise ProtocolError("the fd sent with HELLO is not a userfaultfd")
             try:
-                if not forked and self._check_uffd(fds[0], hello):
+                if not forked and admission.check_uffd(fds[0], self.pid, hello,
+                                                          self.control.clients):
                     # the context this pid's client already holds: the
                     # agent is back, whatever its flags say
                     hello["flags"] |= protocol.HELLO_RECONNECT
                 self.client, kept = self.handlers.hello(self, hello,
                                                        None if forked else fds[0])
             except (LookupError, OSError) as e:
-                if isinstance(e, Refused):
+                refused = isinstance(e, admission.Refused)
+                if refused:
                     self.metrics.error("refused")
                     _warn("pid %s: HELLO refused: %s", self.pid, e.strerror)
                 self.send(protocol.pack_error(seq, getattr(e, "errno", None) or errno.ESRCH,
-                                              e.strerror if isinstance(e, Refused) else str(e)))
+                                              e.strerror if refused else str(e)))
                 self.close()
                 return fds
             self.kind = "agent"
@@ -337,27 +331,6 @@ class Connection:
     def _done(self, _fut) -> None:
         self.inflight -= 1
 
-    def _check_uffd(self, fd: int, hello: dict) -> bool:
-        """Refuse a uffd that is not this peer's to give; True if it is the
-        context this pid's client already holds."""
-        for c in self.control.clients.all():
-            if c.closed or c.uffd is None:
-                continue
-            if ident.same_file(fd, c.uffd):
-                if c.pid == self.pid:
-                    return True
-                raise Refused(errno.EBUSY, "this userfaultfd is another client's")
-        features = ident.uffd_features(fd)
-        if features is None:
-            raise Refused(errno.EINVAL, "the userfaultfd has not been through UFFDIO_API")
-        if features & uffd.REQUIRED_FEATURES != uffd.REQUIRED_FEATURES:
-            raise Refused(errno.EOPNOTSUPP,
-                          f"the userfaultfd lacks required features (has {features:#x})")
-        if not hello["beacon"]:
-            raise Refused(errno.EINVAL, "HELLO without a beacon page")
-        _check_owner(fd, self.pid, hello["beacon"])
-        return False
-
     async def _region(self, seq: int, start: int, end: int, register: bool) -> None:
         try:
             await self.handlers.region(self.pid, start, end, register)
@@ -385,39 +358,6 @@ def _fds(anc) -> list[int]:
             a.frombytes(data[: len(data) - len(data) % a.itemsize])
             fds.extend(a)
     return fds
-
-
-def _check_owner(fd: int, pid: int, beacon: int) -> None:
-    """Does the uffd act on pid's memory? Registering the beacon page through
-    it must show as "um" in pid's smaps; if the page is registered already
-    (an agent back with its uffd, or a decoy registration by the peer's own
-    uffd), unregistering through it must clear the mark first. A uffd of
-    another process changes nothing in pid's smaps."""
-    foreign = Refused(errno.EPERM, f"the userfaultfd does not act on the memory of pid {pid}")
-    try:
-        flags = ident.vmflags_at(pid, beacon)
-        if flags is None:
-            raise Refused(errno.EINVAL, f"beacon {beacon:#x} is not mapped in pid {pid}")
-        if "um" in flags:
-            uffd.unregister(fd, beacon, PAGE)
-            if "um" in (ident.vmflags_at(pid, beacon) or ()):
-                raise foreign
-        uffd.register(fd, beacon, PAGE, uffd.REGISTER_MODE_MISSING)
-    except Refused:
-        raise
-    except OSError as e:
-        raise Refused(errno.EPERM, f"the userfaultfd cannot register beacon {beacon:#x} of "
-                                   f"pid {pid}: {e.strerror or e}") from None
-    try:
-        mine = "um" in (ident.vmflags_at(pid, beacon) or ())
-    except OSError:
-        mine = False
-    if not mine:
-        try:
-            uffd.unregister(fd, beacon, PAGE)
-        except OSError:
-            pass
-        raise foreign
 
 
 def linger(loop: asyncio.AbstractEventLoop, sock: socket.socket, seconds: float = 1.0) -> None:

@@ -1,0 +1,75 @@
+"""Which uffd a peer may hand us.
+
+A uffd works on the memory of the process that created it, whoever holds
+it: a uffd of another process would let a peer have the server serve (and
+reclaim) someone else's memory. So the one sent with HELLO must have been
+through UFFDIO_API with the required features (what the kernel says in
+fdinfo, not what HELLO claims), must not be another client's context
+(kcmp: two readers of one context steal each other's faults), and must
+act on the peer's own memory: registering the peer's beacon page through
+it must show in the peer's /proc/PID/smaps.
+"""
+import errno
+
+from ..core.pages import PAGE
+from ..system import ident, uffd
+from .managed import Registry
+
+
+class Refused(OSError):
+    """A well-formed request the server will not honour: ERROR, then drop."""
+
+
+def check_uffd(fd: int, pid: int, hello: dict, clients: Registry) -> bool:
+    """Refuse a uffd that is not this peer's to give; True if it is the
+    context this pid's client already holds."""
+    for c in clients.all():
+        if c.closed or c.uffd is None:
+            continue
+        if ident.same_file(fd, c.uffd):
+            if c.pid == pid:
+                return True
+            raise Refused(errno.EBUSY, "this userfaultfd is another client's")
+    features = ident.uffd_features(fd)
+    if features is None:
+        raise Refused(errno.EINVAL, "the userfaultfd has not been through UFFDIO_API")
+    if features & uffd.REQUIRED_FEATURES != uffd.REQUIRED_FEATURES:
+        raise Refused(errno.EOPNOTSUPP,
+                      f"the userfaultfd lacks required features (has {features:#x})")
+    if not hello["beacon"]:
+        raise Refused(errno.EINVAL, "HELLO without a beacon page")
+    check_owner(fd, pid, hello["beacon"])
+    return False
+
+
+def check_owner(fd: int, pid: int, beacon: int) -> None:
+    """Does the uffd act on pid's memory? Registering the beacon page through
+    it must show as "um" in pid's smaps; if the page is registered already
+    (an agent back with its uffd, or a decoy registration by the peer's own
+    uffd), unregistering through it must clear the mark first. A uffd of
+    another process changes nothing in pid's smaps."""
+    foreign = Refused(errno.EPERM, f"the userfaultfd does not act on the memory of pid {pid}")
+    try:
+        flags = ident.vmflags_at(pid, beacon)
+        if flags is None:
+            raise Refused(errno.EINVAL, f"beacon {beacon:#x} is not mapped in pid {pid}")
+        if "um" in flags:
+            uffd.unregister(fd, beacon, PAGE)
+            if "um" in (ident.vmflags_at(pid, beacon) or ()):
+                raise foreign
+        uffd.register(fd, beacon, PAGE, uffd.REGISTER_MODE_MISSING)
+    except Refused:
+        raise
+    except OSError as e:
+        raise Refused(errno.EPERM, f"the userfaultfd cannot register beacon {beacon:#x} of "
+                                   f"pid {pid}: {e.strerror or e}") from None
+    try:
+        mine = "um" in (ident.vmflags_at(pid, beacon) or ())
+    except OSError:
+        mine = False
+    if not mine:
+        try:
+            uffd.unregister(fd, beacon, PAGE)
+        except OSError:
+            pass
+        raise foreign
