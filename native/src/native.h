@@ -29,6 +29,7 @@ int64_t ufs_process_madvise(int pidfd, const uint64_t *start, const uint64_t *le
 int64_t ufs_vm_readv(int pid, void *local, const uint64_t *start, const uint64_t *len, int n);
 int ufs_zero_pages(const void *buf, int npages, uint8_t *is_zero);
 int64_t ufs_tlb_shootdowns(void);
+int ufs_kcmp_file(int fd1, int fd2);
 
 /* io_uring (liburing) */
 struct ufs_ring;

@@ -11,6 +11,7 @@
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#include <linux/kcmp.h>
 
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
@@ -113,4 +114,13 @@ int64_t ufs_tlb_shootdowns(void) {
     }
     fclose(f);
     return total;
+}
+
+/* kcmp(KCMP_FILE) of two of our own fds: 0 if they are the same open file
+ * (a uffd is one userfaultfd context however often it was dup'd or sent),
+ * 1 or 2 for an order, -errno on failure. */
+int ufs_kcmp_file(int fd1, int fd2) {
+    pid_t self = getpid();
+    long r = syscall(SYS_kcmp, self, self, KCMP_FILE, fd1, fd2);
+    return r < 0 ? -errno : (int)r;
 }

@@ -8,7 +8,7 @@ every thread exit hands back with MADV_DONTNEED.
 """
 from dataclasses import dataclass
 
-PAGE = 4096
+from .ranges import PAGE
 
 
 @dataclass(frozen=True)

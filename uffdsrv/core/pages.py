@@ -29,10 +29,10 @@ import bisect
 
 import numpy as np
 
+from .ranges import PAGE
 from .ranges import runs as _runs
 from .slots import Slots
 
-PAGE = 4096
 EMPTY, RESIDENT, INFLIGHT, SWAPPED, LOADING = range(5)
 STATE_NAMES = ("empty", "resident", "inflight", "swapped", "loading")
 

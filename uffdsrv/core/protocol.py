@@ -5,6 +5,8 @@ fails a check raises ProtocolError and the peer is dropped."""
 import json
 import struct
 
+from .ranges import PAGE
+
 MAGIC = 0x31444655
 VERSION = 1
 MAX_MSG = 65536
@@ -21,7 +23,6 @@ ZAP_DONE_BODY = struct.Struct("<qIi")
 REGION_BODY = struct.Struct("<QQ")
 ERROR_HEAD = struct.Struct("<iI")
 USER_TOP = 1 << 47  # x86-64 user addresses end here
-PAGE = 4096
 
 
 class ProtocolError(Exception):

@@ -2,7 +2,7 @@
 of adjacent pages instead of one per page."""
 import numpy as np
 
-PAGE = 4096
+PAGE = 4096  # the one page size every module uses: userfaultfd works in base pages
 
 
 def runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

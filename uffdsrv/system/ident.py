@@ -12,23 +12,13 @@
 * /proc/PID/status "Groups:" gives a peer's supplementary groups
   (SO_PEERCRED has only the primary one).
 """
-import ctypes
-import os
-
+from .._native import lib
 from ..core import access
-
-_SYS_KCMP = 312  # x86-64
-_KCMP_FILE = 0
-_libc = ctypes.CDLL(None, use_errno=True)
+from .errors import check
 
 
 def same_file(fd1: int, fd2: int) -> bool:
-    pid = os.getpid()
-    r = _libc.syscall(_SYS_KCMP, pid, pid, _KCMP_FILE, fd1, fd2)
-    if r < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"kcmp: {os.strerror(e)}")
-    return r == 0
+    return check(lib.ufs_kcmp_file(fd1, fd2), "kcmp") == 0
 
 
 def uffd_features(fd: int) -> int | None:

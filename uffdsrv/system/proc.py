@@ -19,10 +19,10 @@ import struct
 import numpy as np
 
 from .._native import ffi, lib
+from ..core.pages import PAGE
 from .errors import check, raise_errno
 from .uffd import _ptr, _u64
 
-PAGE = 4096
 MADV_DONTNEED = lib.MADV_DONTNEED
 MADV_PAGEOUT = lib.MADV_PAGEOUT
 MADV_COLLAPSE = lib.MADV_COLLAPSE
