@@ -16,9 +16,10 @@ sys.path.insert(0, str(HERE))
 
 import proc  # noqa: E402
 import ring  # noqa: E402
+import swapdev  # noqa: E402
 import uffd  # noqa: E402
 
-MODULES = (uffd, proc, ring)
+MODULES = (uffd, proc, ring, swapdev)
 SOURCES = ["uffd.c", "proc.c", "ring.c"]
 
 def prototypes(header: str) -> str:

@@ -44,6 +44,10 @@ int ufs_ring_read_fixed(struct ufs_ring *r, int fd, void *buf, unsigned len, uin
                         uint64_t user_data);
 int ufs_ring_write_fixed(struct ufs_ring *r, int fd, const void *buf, unsigned len,
                          uint64_t off, uint64_t user_data);
+int ufs_ring_read_flags(struct ufs_ring *r, int fd, void *buf, unsigned len, uint64_t off,
+                        int flags, uint64_t user_data);
+int ufs_ring_write_flags(struct ufs_ring *r, int fd, const void *buf, unsigned len,
+                         uint64_t off, int flags, uint64_t user_data);
 int ufs_ring_readv(struct ufs_ring *r, int fd, const uint64_t *bufs, const uint64_t *lens,
                    int n, uint64_t off, uint64_t user_data);
 int ufs_ring_writev(struct ufs_ring *r, int fd, const uint64_t *bufs, const uint64_t *lens,

@@ -154,6 +154,38 @@ int ufs_ring_write_fixed(struct ufs_ring *r, int fd, const void *buf, unsigned l
     return 0;
 }
 
+/* Reads and writes with per-call RWF_* flags (sqe->rw_flags, as preadv2
+ * and pwritev2 take them): RWF_DONTCACHE for a swap file that refuses
+ * O_DIRECT. Registered buffers go as READ_FIXED/WRITE_FIXED. */
+static int rw_flags(struct ufs_ring *r, int write, int fd, void *buf, unsigned len, uint64_t off,
+                    int flags, uint64_t user_data) {
+    struct io_uring_sqe *sqe = get_sqe(r);
+    if (!sqe) return -EBUSY;
+    if (in_fixed(r, buf, len)) {
+        if (write)
+            io_uring_prep_write_fixed(sqe, fd, buf, len, off, 0);
+        else
+            io_uring_prep_read_fixed(sqe, fd, buf, len, off, 0);
+    } else if (write) {
+        io_uring_prep_write(sqe, fd, buf, len, off);
+    } else {
+        io_uring_prep_read(sqe, fd, buf, len, off);
+    }
+    sqe->rw_flags = flags;
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+
+int ufs_ring_read_flags(struct ufs_ring *r, int fd, void *buf, unsigned len, uint64_t off,
+                        int flags, uint64_t user_data) {
+    return rw_flags(r, 0, fd, buf, len, off, flags, user_data);
+}
+
+int ufs_ring_write_flags(struct ufs_ring *r, int fd, const void *buf, unsigned len,
+                         uint64_t off, int flags, uint64_t user_data) {
+    return rw_flags(r, 1, fd, (void *)buf, len, off, flags, user_data);
+}
+
 static struct iovec *take_vecs(struct ufs_ring *r, const uint64_t *bufs, const uint64_t *lens,
                                int n) {
     if (n < 1 || n > MAX_VECS) return NULL;

@@ -1,16 +1,44 @@
 """The swap file and the staging buffers that swap I/O goes through.
 
-The file is created 0600 with O_NOFOLLOW and left sparse: a page is
-written only when reclaimed, and all-zero pages are never written. The
-staging buffers live in the ring's registered arena, split in two pools:
-large buffers for reclaim batches, small ones for swap-ins."""
+Swap I/O bypasses the page cache (how the kernel caches, and the ways out
+of it, are in system/swapdev.py), so the memory a reclaim frees is free on
+the machine when reclaim returns, and a fault-in reads the device. The
+mode, in order of preference:
+
+* "direct": the file or block device is opened O_DIRECT; every read and
+  write is whole 4 KiB slots from the page-aligned ring arena;
+* "dontcache": the filesystem refuses direct I/O, and every read and write
+  carries RWF_DONTCACHE (Linux 6.14+): the kernel drops the pages itself;
+* "buffered": neither; written() waits for writeback of what was written
+  and drops it, was_read() drops what was read.
+
+`io_mode` names it, `rw_flags` are the flags every ring read and write of
+the file carries, and whoever completes a swap read or write calls
+`was_read` / `written` for the range (no-ops unless "buffered"; `written`
+then waits on the device, so `needs_sync` says to call it off the loop).
+
+A new file is created 0600 with O_EXCL and O_NOFOLLOW; an existing one must
+be ours and private, and is never shrunk (a journal may name its slots).
+Its blocks are allocated at start (fallocate, as swapon demands), so a fresh
+file is as fast as a reused one; where the filesystem cannot, the new part
+is written with zeros once. A file on tmpfs or ramfs is memory itself: it
+gets no preallocation and a warning. The staging buffers live in the ring's
+registered arena, split in two pools: large buffers for reclaim batches,
+small ones for swap-ins."""
 import asyncio
+import errno
+import logging
 import os
 import stat
+import time
 
+from ..core.pages import PAGE
 from ..core.slots import Slots
+from ..system import swapdev
 
-PAGE = 4096
+log = logging.getLogger("uffdsrv.swap")
+IO_MODES = ("direct", "dontcache", "buffered")
+ZERO_CHUNK = 1 << 20  # bytes per write when zero-filling a file without fallocate
 
 
 class SwapError(Exception):
@@ -18,41 +46,199 @@ class SwapError(Exception):
 
 
 class SwapFile:
-    def __init__(self, path: str, size: int):
+    def __init__(self, path: str, size: int, io_mode: str | None = None):
+        """io_mode None takes the best the file allows; a mode named forces
+        it (SwapError if the file cannot do it)."""
+        if io_mode is not None and io_mode not in IO_MODES:
+            raise SwapError(f"unknown swap io mode {io_mode!r} (one of {', '.join(IO_MODES)})")
         if size < PAGE * 16:
             raise SwapError(f"swap size {size} is too small (at least {PAGE * 16} bytes)")
-        # A new file is created 0600 with O_EXCL; an existing one (a restart
-        # reuses it) must be ours and private. Never through a symlink.
-        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        self.path = path
+        self.io_mode, self.rw_flags, self.preallocated = "buffered", 0, False
+        self._drop = False  # the buffered fallback's sync and drop, after each I/O
+        self._scratch = swapdev.AlignedBuffer(ZERO_CHUNK)
+        self.fd = self._open(path, io_mode in (None, "direct"))
         try:
+            self._setup(size, io_mode)
+        except BaseException:
+            os.close(self.fd)
+            self._scratch.close()
+            raise
+
+    @staticmethod
+    def _open(path: str, direct: bool) -> int:
+        # A new file is created 0600 with O_EXCL; an existing one (a restart
+        # reuses it) is checked below. Never through a symlink. A filesystem
+        # without direct I/O refuses O_DIRECT with EINVAL (possibly after
+        # creating the file, which the second try then opens).
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        for extra in ((swapdev.O_DIRECT, 0) if direct else (0,)):
             try:
-                self.fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                self.fd = os.open(path, flags)
-        except OSError as e:
-            raise SwapError(f"cannot open swap file {path}: {e.strerror}") from None
+                try:
+                    return os.open(path, flags | extra | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:
+                    return os.open(path, flags | extra)
+            except OSError as e:
+                if extra and e.errno == errno.EINVAL:
+                    continue
+                raise SwapError(f"cannot open swap file {path}: {e.strerror}") from None
+        raise AssertionError("unreachable")
+
+    def _setup(self, size: int, io_mode: str | None) -> None:
         st = os.fstat(self.fd)
+        memfs, zero_from = None, None
         if stat.S_ISREG(st.st_mode):
             if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-                os.close(self.fd)
-                raise SwapError(f"swap file {path} belongs to another user or is writable "
+                raise SwapError(f"swap file {self.path} belongs to another user or is writable "
                                 "by others")
             if st.st_mode & 0o077:
                 os.fchmod(self.fd, 0o600)
-            if st.st_size > size:
-                size = st.st_size  # never cut off slots a journal may name
-            os.ftruncate(self.fd, size)
+            size = max(size - size % PAGE, st.st_size)  # never cut off slots a journal may name
+            memfs = swapdev.memory_fs(self.fd)
+            zero_from = self._allocate(st.st_size, size, memfs)
         elif stat.S_ISBLK(st.st_mode):
             size = min(size, os.lseek(self.fd, 0, os.SEEK_END))
         else:
-            os.close(self.fd)
-            raise SwapError(f"swap path {path} is neither a regular file nor a block device")
-        self.path = path
+            raise SwapError(f"swap path {self.path} is neither a regular file nor a block device")
         self.size = size - size % PAGE
         self.slots = Slots(self.size // PAGE)
+        self._choose_mode(io_mode, memfs)
+        if zero_from is not None and zero_from < self.size:
+            self._zero_fill(zero_from, self.size)
+
+    def _allocate(self, old: int, size: int, memfs: str | None) -> int | None:
+        """Allocate the file's blocks; returns where zero-filling must
+        start when the filesystem cannot (else None)."""
+        if memfs:
+            os.ftruncate(self.fd, size)
+            log.warning("swap file %s is on %s: its pages stay in memory, so reclaim to it "
+                        "frees none; put it on a disk", self.path, memfs)
+            return None
+        try:
+            swapdev.allocate(self.fd, 0, size)
+            self.preallocated = True
+            return None
+        except OSError as e:
+            os.ftruncate(self.fd, size)
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                return old
+            if e.errno == errno.ENOSPC:
+                log.warning("swap file %s: cannot allocate %d MiB (%s): it stays sparse, first "
+                            "writes are slower, and reclaim stops where the filesystem fills",
+                            self.path, size >> 20, e.strerror)
+                return None
+            raise SwapError(f"swap file {self.path}: {e}") from None
+
+    def _choose_mode(self, io_mode: str | None, memfs: str | None) -> None:
+        fd, probe = self.fd, self._scratch.addr
+        swapdev.no_readahead(fd)  # we do our own readahead, by address
+        direct = swapdev.has_direct(fd)
+        if direct and memfs and io_mode != "direct":
+            swapdev.set_direct(fd, False)  # tmpfs's "direct" I/O is its page cache anyway
+            direct = False
+        if direct:
+            # some filesystems take O_DIRECT at open and refuse the I/O
+            err = swapdev.probe(fd, probe, 0)
+            if err == -errno.EINVAL and io_mode is None:
+                swapdev.set_direct(fd, False)
+                direct = False
+                log.warning("swap file %s: direct reads are refused (EINVAL); falling back",
+                            self.path)
+            elif err:
+                raise SwapError(f"swap file {self.path}: direct read: {os.strerror(-err)}")
+        if direct:
+            self.io_mode, self.rw_flags = "direct", 0
+        elif io_mode == "direct":
+            raise SwapError(f"swap file {self.path}: the filesystem refuses direct I/O")
+        elif io_mode != "buffered" and swapdev.probe(fd, probe, swapdev.RWF_DONTCACHE) == 0:
+            self.io_mode, self.rw_flags = "dontcache", swapdev.RWF_DONTCACHE
+        elif io_mode == "dontcache":
+            raise SwapError(f"swap file {self.path}: RWF_DONTCACHE is not supported here")
+        else:
+            self.io_mode, self.rw_flags = "buffered", 0
+            # on tmpfs the cached pages are the file: nothing to drop
+            self._drop = memfs is None
+        if not direct and not memfs:
+            # what an earlier buffered run left in the cache goes now
+            swapdev.sync_range(fd, 0, self.size)
+            swapdev.drop_cache(fd, 0, self.size)
+            log.warning("swap file %s: no direct I/O; using %s I/O, which drops what it "
+                        "caches", self.path, self.io_mode)
+
+    def _zero_fill(self, lo: int, hi: int) -> None:
+        """What fallocate would have done: write each block once, so first
+        writes by reclaim are overwrites."""
+        t0 = time.monotonic()
+        log.warning("swap file %s: the filesystem cannot fallocate; writing %d MiB of zeros "
+                    "once", self.path, (hi - lo) >> 20)
+        buf = self._scratch
+        buf.map[:] = bytes(buf.nbytes)  # the mode probes read into it
+        for off in range(lo - lo % PAGE, hi, ZERO_CHUNK):
+            n = min(ZERO_CHUNK, hi - off)
+            if swapdev.pwrite(self.fd, buf.addr, n, off, self.rw_flags) != n:
+                raise SwapError(f"swap file {self.path}: short write while zero-filling")
+            self.written(off, n)
+        self.preallocated = True
+        log.info("swap file %s: zero-filled in %.1f s", self.path, time.monotonic() - t0)
+
+    # --- the I/O hooks -------------------------------------------------------------
+    @property
+    def needs_sync(self) -> bool:
+        """written() waits for the device: call it off the event loop."""
+        return self._drop
+
+    # (a length of 0 would mean "to the end of the file" to both calls)
+    def written(self, offset: int, length: int) -> None:
+        """A write of [offset, offset + length) has completed."""
+        if self._drop and length > 0:
+            swapdev.sync_range(self.fd, offset, length)
+            swapdev.drop_cache(self.fd, offset, length)
+
+    def was_read(self, offset: int, length: int) -> None:
+        """A read of [offset, offset + length) has completed."""
+        if self._drop and length > 0:
+            swapdev.drop_cache(self.fd, offset, length)
+
+    # --- synchronous I/O, for paths off the ring -----------------------------------
+    def pread(self, buf, offset: int) -> int:
+        """Read len(buf) bytes at offset into any writable buffer; offset
+        and length whole slots. A buffer that is not page-aligned goes
+        through an aligned one (direct I/O would refuse it)."""
+        return self._io(buf, offset, write=False)
+
+    def pwrite(self, buf, offset: int) -> int:
+        return self._io(buf, offset, write=True)
+
+    def _io(self, buf, offset: int, write: bool) -> int:
+        view = memoryview(buf).cast("B")
+        length = len(view)
+        call = "swap pwrite" if write else "swap pread"
+        swapdev.check_aligned(0, length, offset, call)
+        done = 0
+        while done < length:
+            n = min(length - done, self._scratch.nbytes)
+            addr = swapdev.address(view[done:done + n])
+            bounce = addr % PAGE != 0
+            if bounce:
+                addr = self._scratch.addr
+                if write:
+                    self._scratch.map[:n] = view[done:done + n]
+            if write:
+                got = swapdev.pwrite(self.fd, addr, n, offset + done, self.rw_flags)
+                self.written(offset + done, got)
+            else:
+                got = swapdev.pread(self.fd, addr, n, offset + done, self.rw_flags)
+                self.was_read(offset + done, got)
+                if bounce:
+                    view[done:done + got] = self._scratch.map[:got]
+            done += got
+            if got < n:
+                break
+        return done
 
     def close(self):
         os.close(self.fd)
+        self._scratch.close()
 
 
 class Pool:

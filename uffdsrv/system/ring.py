@@ -106,8 +106,12 @@ class Ring:
         if lib.ufs_ring_pending(self._r):
             check(lib.ufs_ring_submit(self._r), "io_uring_submit")
 
-    def read(self, fd: int, addr: int, length: int, offset: int, callback) -> int:
-        """Queue a read; callback(res) runs on harvest. Returns user_data."""
+    def read(self, fd: int, addr: int, length: int, offset: int, callback, flags: int = 0) -> int:
+        """Queue a read; callback(res) runs on harvest. Returns user_data.
+        flags are RWF_* for this read (as preadv2 takes them)."""
+        if flags:
+            return self._rw_flags(lib.ufs_ring_read_flags, "io_uring read", fd, addr, length,
+                                  offset, flags, callback)
         ud = self._id(callback)
         fixed = self.arena_addr <= addr and addr + length <= self.arena_addr + len(self.arena)
         prep = lib.ufs_ring_read_fixed if fixed else lib.ufs_ring_read
@@ -115,12 +119,24 @@ class Ring:
                      "io_uring read", ud)
         return ud
 
-    def write(self, fd: int, addr: int, length: int, offset: int, callback) -> int:
+    def write(self, fd: int, addr: int, length: int, offset: int, callback,
+              flags: int = 0) -> int:
+        if flags:
+            return self._rw_flags(lib.ufs_ring_write_flags, "io_uring write", fd, addr, length,
+                                  offset, flags, callback)
         ud = self._id(callback)
         fixed = self.arena_addr <= addr and addr + length <= self.arena_addr + len(self.arena)
         prep = lib.ufs_ring_write_fixed if fixed else lib.ufs_ring_write
         self._queued(prep(self._r, fd, ffi.cast("void *", addr), length, offset, ud),
                      "io_uring write", ud)
+        return ud
+
+    def _rw_flags(self, prep, call: str, fd: int, addr: int, length: int, offset: int,
+                  flags: int, callback) -> int:
+        # the C side picks READ_FIXED/WRITE_FIXED for buffers in the arena
+        ud = self._id(callback)
+        self._queued(prep(self._r, fd, ffi.cast("void *", addr), length, offset, flags, ud),
+                     call, ud)
         return ud
 
     def readv(self, fd: int, addrs, lengths, offset: int, callback) -> int:
@@ -175,12 +191,12 @@ class Ring:
                 fut.set_result(res)
         return fut, done
 
-    def read_async(self, fd, addr, length, offset):
+    def read_async(self, fd, addr, length, offset, flags: int = 0):
         fut, cb = self._future()
-        self.read(fd, addr, length, offset, cb)
+        self.read(fd, addr, length, offset, cb, flags)
         return fut
 
-    def write_async(self, fd, addr, length, offset):
+    def write_async(self, fd, addr, length, offset, flags: int = 0):
         fut, cb = self._future()
-        self.write(fd, addr, length, offset, cb)
+        self.write(fd, addr, length, offset, cb, flags)
         return fut
