@@ -13,18 +13,12 @@ from uffdsrv.core.pages import EMPTY, INFLIGHT, LOADING, PAGE, RESIDENT, SWAPPED
 from uffdsrv.core.ranges import runs
 from uffdsrv.core.slots import Slots
 
-A = 0x10000
-NAME = {EMPTY: "E", RESIDENT: "R", INFLIGHT: "I", SWAPPED: "S", LOADING: "L"}
-
-
-def states(r) -> str:
-    return "".join(NAME[int(s)] for s in r.state)
+from ..support import A, region, states
 
 
 def setup(npages=8, nslots=64):
     slots, pm = Slots(nslots), PageMap()
-    r = pm.add(A, A + npages * PAGE, present=np.ones(npages, dtype=bool))
-    return slots, pm, r
+    return slots, pm, region(pm, "R" * npages)
 
 
 def written(pm, slots, r, idx, zero=()):

@@ -3,25 +3,10 @@ REMAP, FORK, exit), with exact states and slot reference counts."""
 import numpy as np
 import pytest
 
-from uffdsrv.core.pages import EMPTY, INFLIGHT, LOADING, PAGE, RESIDENT, SWAPPED, PageMap, Region
+from uffdsrv.core.pages import EMPTY, PAGE, RESIDENT, SWAPPED, PageMap
 from uffdsrv.core.slots import Slots
 
-A = 0x10000
-CODE = {"E": EMPTY, "R": RESIDENT, "I": INFLIGHT, "S": SWAPPED, "L": LOADING}
-NAME = {v: k for k, v in CODE.items()}
-
-
-def states(r: Region) -> str:
-    return "".join(NAME[int(s)] for s in r.state)
-
-
-def make(pm: PageMap, slots: Slots, start: int, spec: str) -> Region:
-    """A region whose S/L pages each own a freshly allocated slot."""
-    r = pm.add(start, start + len(spec) * PAGE)
-    r.state[:] = [CODE[c] for c in spec]
-    owned = np.flatnonzero((r.state == SWAPPED) | (r.state == LOADING))
-    r.slot[owned] = slots.alloc(len(owned))
-    return r
+from ..support import A, region, states
 
 
 def layout(pm: PageMap):
@@ -61,7 +46,7 @@ def test_add_refuses_overlap(lo, hi):
 # --- the program's own REMOVE ---------------------------------------------------------
 def test_program_remove_frees_swapped_and_loading_pages():
     slots, pm = Slots(16), PageMap()
-    r = make(pm, slots, A, "RSSLSE")
+    r = region(pm, "RSSLSE", A, slots)
     assert r.slot.tolist() == [-1, 0, 1, 2, 3, -1] and slots.used == 4
     pm.remove(A, A + 4 * PAGE, slots)
     assert states(r) == "EEEESE"
@@ -72,8 +57,8 @@ def test_program_remove_frees_swapped_and_loading_pages():
 
 def test_program_remove_across_regions_and_gaps():
     slots, pm = Slots(16), PageMap()
-    a = make(pm, slots, A, "SS")
-    b = make(pm, slots, A + 4 * PAGE, "SS")
+    a = region(pm, "SS", A, slots)
+    b = region(pm, "SS", A + 4 * PAGE, slots)
     pm.remove(A + PAGE, A + 5 * PAGE, slots)
     assert (states(a), states(b)) == ("SE", "ES")
     assert slots.refs[:4].tolist() == [1, 0, 0, 1] and slots.used == 2
@@ -81,7 +66,7 @@ def test_program_remove_across_regions_and_gaps():
 
 def test_remove_of_unmanaged_range_changes_nothing():
     slots, pm = Slots(4), PageMap()
-    r = make(pm, slots, A, "SR")
+    r = region(pm, "SR", A, slots)
     pm.remove(A + 2 * PAGE, A + 8 * PAGE, slots)
     assert states(r) == "SR" and slots.used == 1
 
@@ -95,7 +80,7 @@ def test_remove_of_unmanaged_range_changes_nothing():
 ])
 def test_drop_splits_and_frees_only_the_dropped_slots(lo, hi, want, freed):
     slots, pm = Slots(16), PageMap()
-    make(pm, slots, A, "SSSSSSSS")
+    region(pm, "SSSSSSSS", A, slots)
     pm.drop(A + lo * PAGE, A + hi * PAGE, slots)
     assert [(s, st) for s, st, _ in layout(pm)] == want
     assert pm._starts == [s for s, _ in want]
@@ -107,7 +92,7 @@ def test_drop_splits_and_frees_only_the_dropped_slots(lo, hi, want, freed):
 
 def test_drop_keeps_per_page_fields_of_the_parts():
     slots, pm = Slots(16), PageMap()
-    r = make(pm, slots, A, "RSLE")
+    r = region(pm, "RSLE", A, slots)
     r.expect[:] = [0, 1, 0, 0]
     r.batch[:] = [0, 7, 0, 0]
     pm.drop(A + PAGE * 2, A + PAGE * 3, slots)
@@ -121,7 +106,7 @@ def test_drop_keeps_per_page_fields_of_the_parts():
 
 def test_drop_without_release_keeps_slots():
     slots, pm = Slots(4), PageMap()
-    make(pm, slots, A, "SS")
+    region(pm, "SS", A, slots)
     pm.drop(A, A + 2 * PAGE, slots, release=False)
     assert pm.regions == [] and slots.used == 2
 
@@ -129,9 +114,9 @@ def test_drop_without_release_keeps_slots():
 # --- remap ---------------------------------------------------------------------------
 def test_remap_moves_states_and_slots_and_drops_the_destination():
     slots, pm = Slots(16), PageMap()
-    make(pm, slots, A, "RSSL")                       # slots 0, 1, 2
+    region(pm, "RSSL", A, slots)                       # slots 0, 1, 2
     dst = A + 0x100000
-    make(pm, slots, dst - PAGE, "SSS")               # slots 3, 4, 5: 4 and 5 at dst
+    region(pm, "SSS", dst - PAGE, slots)               # slots 3, 4, 5: 4 and 5 at dst
     pm.remap(A + PAGE, dst, 3 * PAGE, slots)
     # the page being loaded arrives swapped: its swap-in was for the old
     # address, and a page left LOADING would wait for a COPY that never comes
@@ -143,7 +128,7 @@ def test_remap_moves_states_and_slots_and_drops_the_destination():
 # --- fork and exit -------------------------------------------------------------------
 def test_fork_shares_slots_and_release_all_frees_them():
     slots, pm = Slots(16), PageMap()
-    r = make(pm, slots, A, "ERSLI")
+    r = region(pm, "ERSLI", A, slots)
     r.slot[4] = 9
     slots.ref(np.array([1]))  # the read of a LOADING page pins its slot
     r.batch[4] = 3
@@ -164,8 +149,8 @@ def test_fork_shares_slots_and_release_all_frees_them():
 
 def test_release_all_returns_used_to_zero():
     slots, pm = Slots(16), PageMap()
-    make(pm, slots, A, "SSRL")
-    make(pm, slots, A + 0x10000, "ESS")
+    region(pm, "SSRL", A, slots)
+    region(pm, "ESS", A + 0x10000, slots)
     child = pm.fork(slots)
     assert slots.used == 5 and slots.refs[:5].tolist() == [2] * 5
     pm.release_all(slots)
@@ -175,7 +160,7 @@ def test_release_all_returns_used_to_zero():
 
 
 def test_states_at_reads_across_regions_and_marks_holes():
-    from uffdsrv.core.pages import EMPTY, PAGE, RESIDENT, SWAPPED, PageMap
+    from uffdsrv.core.pages import EMPTY, PAGE, RESIDENT, PageMap
     pm = PageMap()
     a = pm.add(0x100000, 0x100000 + 2 * PAGE)
     b = pm.add(0x100000 + 3 * PAGE, 0x100000 + 4 * PAGE)

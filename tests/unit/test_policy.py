@@ -1,24 +1,14 @@
-"""policy.pick: which resident pages go next."""
+"""The reclaim policy (core/policy.py): which resident pages go next, by
+address (pick) or by heat and age (choose), and how heat decays."""
 import numpy as np
 import pytest
 
-from uffdsrv.core.pages import EMPTY, PAGE, RESIDENT, SWAPPED, PageMap
-from uffdsrv.core.policy import pick
+from uffdsrv.core.pages import PAGE, RESIDENT, PageMap
+from uffdsrv.core.policy import age, choose, pick
+
+from ..support import page_map, region
 
 A, B, C = 0x10000, 0x100000, 0x200000
-
-
-def pm_with(*regions):
-    """regions: (start, states string) with R resident, S swapped, E empty,
-    H resident but held by a batch."""
-    pm = PageMap()
-    code = {"R": RESIDENT, "S": SWAPPED, "E": EMPTY, "H": RESIDENT}
-    for start, states in regions:
-        r = pm.add(start, start + len(states) * PAGE)
-        r.state[:] = [code[c] for c in states]
-        r.slot[r.state == SWAPPED] = 0
-        r.batch[[i for i, c in enumerate(states) if c == "H"]] = 99
-    return pm
 
 
 def picked(pm, limit, cursor=0):
@@ -27,6 +17,8 @@ def picked(pm, limit, cursor=0):
     return (None if r is None else r.start), idx.tolist()
 
 
+# regions: (start, spec) as tests/support.py reads it: R resident, S swapped,
+# E empty, H resident but held by a batch
 @pytest.mark.parametrize("regions, limit, cursor, want", [
     # nothing to pick
     ([], 4, 0, (None, [])),
@@ -52,7 +44,7 @@ def picked(pm, limit, cursor=0):
     ([(A, "RRSSSS")], 8, A + 3 * PAGE, (A, [0, 1])),
 ])
 def test_pick(regions, limit, cursor, want):
-    assert picked(pm_with(*regions), limit, cursor) == want
+    assert picked(page_map(*regions), limit, cursor) == want
 
 
 @pytest.mark.parametrize("regions, cursor, want", [
@@ -62,11 +54,11 @@ def test_pick(regions, limit, cursor, want):
     ([(A, "RRRR"), (B, "RRSS")], B + 2 * PAGE, (A, [0, 1, 2, 3])),
 ])
 def test_pick_moves_on_to_next_region_before_wrapping(regions, cursor, want):
-    assert picked(pm_with(*regions), 8, cursor) == want
+    assert picked(page_map(*regions), 8, cursor) == want
 
 
 def test_pick_does_not_change_the_map():
-    pm = pm_with((A, "RRHS"))
+    pm = page_map((A, "RRHS"))
     before = [a.copy() for a in (pm.regions[0].state, pm.regions[0].batch)]
     pick(pm, 4, 0)
     assert pm.regions[0].state.tolist() == before[0].tolist()
@@ -75,10 +67,48 @@ def test_pick_does_not_change_the_map():
 
 def test_cursor_walk_covers_every_region_in_order():
     """What the reclaim loop does: advance the cursor past each pick."""
-    pm = pm_with((A, "RRR"), (B, "RR"), (C, "R"))
+    pm = page_map((A, "RRR"), (B, "RR"), (C, "R"))
     cursor, seen = A + PAGE, []
     for _ in range(6):
         r, idx = pick(pm, 2, cursor)
         seen.append((r.start, idx.tolist()))
         cursor = r.start + (int(idx[-1]) + 1) * PAGE
     assert seen == [(A, [1, 2]), (B, [0, 1]), (C, [0]), (A, [0, 1]), (A, [2]), (B, [0, 1])]
+
+
+# --- choose: heat, age, the order of arrival ---------------------------------------
+def test_fifo_takes_the_longest_resident_first():
+    pm = PageMap()
+    region(pm, "RRRRS", B, stamp=[50, 10, 40, 20, 0])
+    assert choose(pm, 2, "fifo")[1].tolist() == [1, 3]
+
+
+def test_coldest_spares_pages_that_came_back():
+    pm = PageMap()
+    region(pm, "RRRR", B, heat=[3, 0, 1, 0], stamp=[1, 4, 2, 3])
+    assert choose(pm, 3, "coldest")[1].tolist() == [1, 2, 3]
+    assert choose(pm, 1, "coldest")[1].tolist() == [3]
+
+
+def test_random_takes_resident_pages_only():
+    pm = page_map((B, "RSRSRS"))
+    got = choose(pm, 10, "random", np.random.default_rng(1))[1]
+    assert sorted(got.tolist()) == [0, 2, 4]
+
+
+def test_a_batch_takes_one_region_the_one_with_most_picks():
+    pm = PageMap()
+    a = pm.add(0x100000, 0x100000 + 4 * PAGE)
+    b = pm.add(0x200000, 0x200000 + 4 * PAGE)
+    a.state[:] = b.state[:] = RESIDENT
+    a.stamp[:] = [1, 100, 100, 100]
+    b.stamp[:] = [2, 3, 4, 100]
+    r, idx = choose(pm, 4, "fifo")
+    assert r is b and idx.tolist() == [0, 1, 2]
+
+
+def test_age_halves_heat():
+    pm = PageMap()
+    r = region(pm, "RRR", B, heat=[255, 3, 1])
+    age(pm)
+    assert r.heat.tolist() == [127, 1, 0]
