@@ -158,10 +158,12 @@ class SwapFile:
             self.io_mode, self.rw_flags = "buffered", 0
             # on tmpfs the cached pages are the file: nothing to drop
             self._drop = memfs is None
-        if not direct and not memfs:
+        if not memfs:
             # what an earlier buffered run left in the cache goes now
+            # (direct I/O keeps the cache coherent, but never frees it)
             swapdev.sync_range(fd, 0, self.size)
             swapdev.drop_cache(fd, 0, self.size)
+        if not direct and not memfs:
             log.warning("swap file %s: no direct I/O; using %s I/O, which drops what it "
                         "caches", self.path, self.io_mode)
 
