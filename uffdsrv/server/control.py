@@ -20,44 +20,26 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import socket
 import stat
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core import access, protocol
 from ..core.protocol import ProtocolError
+from ..core.ratelimit import LogLimit
 from ..system import ident, proc, procfs
 from . import admission
 from .managed import Registry
 
 log = logging.getLogger("uffdsrv.control")
 MAX_FDS = 4
-MAX_CONNS = 4096  # connections at once; more are refused
+MAX_CONNS = 4096  # connections at once (unprivileged peers); more are refused
+FDS_PER_CLIENT = 3  # an agent's socket, its uffd, its pidfd
+FD_RESERVE = 256  # the journal, the swap file, the ring, metrics, logs
 MAX_INFLIGHT = 16  # requests of one connection awaiting their reply
 MAX_BURST = 64  # messages of one connection handled per wake-up
-
-
-class LogLimit:
-    """At most `burst` lines per `period` seconds, so a hostile peer cannot
-    flood the log; allow() -> how many were held back since the last line
-    let through, or None to hold this one back too."""
-
-    def __init__(self, burst: int = 20, period: float = 1.0, clock=time.monotonic):
-        self.burst, self.period, self.clock = burst, period, clock
-        self.start, self.count, self.held = clock(), 0, 0
-
-    def allow(self) -> int | None:
-        now = self.clock()
-        if now - self.start >= self.period:
-            self.start, self.count = now, 0
-        if self.count >= self.burst:
-            self.held += 1
-            return None
-        self.count += 1
-        held, self.held = self.held, 0
-        return held
 
 
 _log_limit = LogLimit()
@@ -101,6 +83,12 @@ class ControlSocket:
             finally:
                 probe.close()
         self.server_uid = os.geteuid()
+        # Connections must never take the fds the kernel needs to hand us
+        # a forked child's uffd: the forking program waits until it can.
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        room = (soft - FD_RESERVE) // (2 * FDS_PER_CLIENT) if soft != resource.RLIM_INFINITY \
+            else MAX_CONNS
+        self.max_conns = max(16, min(MAX_CONNS, room))
         self.allow_uids = frozenset(allow_uids or ())
         self.allow_gids = frozenset(allow_gids or ())
         group = None
@@ -144,7 +132,7 @@ class ControlSocket:
             except OSError as e:
                 # out of fds: the listening socket stays readable, so a
                 # level-triggered reader would spin; pause accepting
-                log.warning("accept: %s; pausing for 0.1 s", e)
+                _warn("accept: %s; pausing for 0.1 s", e)
                 self.metrics.error("accept")
                 self._pause()
                 return
@@ -165,7 +153,7 @@ class ControlSocket:
             self.loop.add_reader(s.fileno(), conn.readable)
 
     def _refusal(self, conn: "Connection") -> tuple[int, str] | None:
-        limit = MAX_CONNS * 2 if conn.privileged else MAX_CONNS  # room left for root
+        limit = self.max_conns * 2 if conn.privileged else self.max_conns  # room for root
         if len(self.conns) >= limit:
             return errno.EMFILE, f"too many connections ({limit})"
         if conn.uid == 0 or conn.uid == self.server_uid or conn.uid in self.allow_uids:

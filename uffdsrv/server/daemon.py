@@ -14,7 +14,9 @@ import asyncio
 import concurrent.futures
 import errno
 import logging
+import mmap
 import os
+import resource
 import signal
 
 import numpy as np
@@ -71,6 +73,7 @@ class Server:
     # --- lifecycle ------------------------------------------------------------
     async def run(self) -> None:
         self.loop = loop = asyncio.get_running_loop()
+        raise_nofile()
         reclaim_bytes = RECLAIM_BUFFERS * BATCH_PAGES * PAGE
         fault_bytes = FAULT_BUFFERS * MAX_READAHEAD * PAGE
         self.ring = Ring(entries=1024, arena_bytes=reclaim_bytes + fault_bytes)
@@ -269,9 +272,8 @@ class Server:
     # --- putting pages back ------------------------------------------------------------
     async def restore(self, client: ManagedProcess, start: int = 0, end: int = 1 << 64) -> int:
         """Put every reclaimed page of the client (in [start, end)) back."""
-        buf = ffi.new("char[]", MAX_READAHEAD * PAGE)
-        addr = int(ffi.cast("uintptr_t", buf))
-        view = ffi.buffer(buf)
+        view = mmap.mmap(-1, MAX_READAHEAD * PAGE)  # page-aligned, as O_DIRECT reads need
+        addr = int(ffi.cast("uintptr_t", ffi.from_buffer(view)))
         restored = 0
         for _ in range(100000):
             if client.closed:
@@ -311,3 +313,16 @@ class Server:
             self.ring.harvest()
             await asyncio.sleep(0)
         return restored
+
+
+def raise_nofile() -> None:
+    """Every managed process costs the server fds (its uffd, pidfd and agent
+    socket, and a forked child's uffd that the kernel installs while the
+    parent's fork() waits): the default soft limit of 1024 runs out with a
+    few hundred clients. Take the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, e)

@@ -136,6 +136,11 @@ class ReclaimPath:
                 self.full_logged = False
             b.set_slots(pages, data, got_slots)
             await self.write(buf, data, got_slots)
+            # The bytes are on the device: the staging buffer is free for
+            # other clients' batches while this one waits on its agent (a
+            # stopped or frozen program answers its zap only when it runs).
+            self.buffers.release(buf)
+            buf = None
             live = b.inflight(pages)
             if not len(live):
                 return 0
@@ -257,28 +262,42 @@ class ReclaimPath:
 
     async def write(self, buf: int, positions: np.ndarray, slots: np.ndarray) -> None:
         """One ring write per run of pages that are adjacent both in the
-        buffer and in the swap file; returns when all have completed."""
+        buffer and in the swap file; returns when all have completed (and,
+        in the swap file's buffered mode, are on the device and out of the
+        page cache)."""
         if not len(positions):
             return
         first, count = paired_runs(positions, slots)
-        ring = self.ring
-        futs = [ring.write_async(self.swap.fd, buf + int(positions[f]) * PAGE, int(c) * PAGE,
-                                 int(slots[f]) * PAGE)
+        ring, swap = self.ring, self.swap
+        futs = [ring.write_async(swap.fd, buf + int(positions[f]) * PAGE, int(c) * PAGE,
+                                 int(slots[f]) * PAGE, swap.rw_flags)
                 for f, c in zip(first.tolist(), count.tolist())]
         results = await asyncio.gather(*futs)
         for res, f, c in zip(results, first.tolist(), count.tolist()):
             if res != c * PAGE:
                 self.metrics.error("swap_write")
                 if res >= 0:
-                    # a short write: the rest, written again, says why
+                    # a short write: the run, written again whole (direct
+                    # I/O takes whole slots only), says why
                     try:
-                        rest = ffi.buffer(ffi.cast("char *", buf + int(positions[f]) * PAGE + res),
-                                          c * PAGE - res)
-                        os.pwrite(self.swap.fd, rest, int(slots[f]) * PAGE + res)
+                        run = ffi.buffer(ffi.cast("char *", buf + int(positions[f]) * PAGE),
+                                         c * PAGE)
                         res = -errno.EIO
+                        if swap.pwrite(run, int(slots[f]) * PAGE) == c * PAGE:
+                            continue
                     except OSError as e:
                         res = -(e.errno or errno.EIO)
-                raise OSError(-res, f"swap write to {self.swap.path}: {os.strerror(-res)}")
+                raise OSError(-res, f"swap write to {swap.path}: {os.strerror(-res)}")
+        offsets = (slots[first] * PAGE).tolist()
+        lengths = (count * PAGE).tolist()
+
+        def written():
+            for off, n in zip(offsets, lengths):
+                swap.written(off, n)
+        if swap.needs_sync:  # waits for the device: not on the loop
+            await self.loop.run_in_executor(self.executor, written)
+        else:
+            written()
         self.metrics.swap_written(int(count.sum()) * PAGE)
 
     async def _removes_read(self, client, b, live, results, zstarts, zlens) -> None:
