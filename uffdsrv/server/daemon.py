@@ -106,7 +106,7 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         log.info("serving on %s, swap %s (%d MiB, io %s)", self.socket_path, self.swap.path,
-                 self.swap.size >> 20, getattr(self.swap, "io_mode", "buffered"))
+                 self.swap.size >> 20, self.swap.io_mode)
         tasks = [asyncio.ensure_future(t) for t in (
             self.regions.rescan_forever(), BudgetLoop(self.clients, self.reclaimer.reclaim).run(),
             self._compact_forever())]

@@ -278,6 +278,11 @@ class _StateCollector:
             yield GaugeMetricFamily("uffdsrv_swap_size_bytes", "Swap file size", value=swap.size)
             yield GaugeMetricFamily("uffdsrv_swap_used_bytes", "Swap file bytes in use",
                                     value=swap.slots.used * PAGE)
+            mode = GaugeMetricFamily("uffdsrv_swap_io_mode", "How swap I/O bypasses the page "
+                                     "cache: 1 for the mode in use (direct, dontcache, "
+                                     "buffered)", labels=["mode"])
+            mode.add_metric([swap.io_mode], 1)
+            yield mode
             ring = m._ring
             if ring is not None:
                 yield CounterMetricFamily("uffdsrv_ring_submissions",

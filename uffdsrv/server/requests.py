@@ -59,7 +59,7 @@ class Requests:
         return {"clients": [c.status() for c in self.clients.all() if c.pid is not None],
                 "swap": {"path": swap.path, "size_bytes": swap.size,
                          "used_bytes": swap.slots.used * PAGE,
-                         "io_mode": getattr(swap, "io_mode", "buffered")}}
+                         "io_mode": swap.io_mode}}
 
 
 def _is_int(v) -> bool:
