@@ -15,7 +15,14 @@ slack is for the machine's other activity over the seconds the test runs
 MemFree by tens of MiB). 0.7 leaves 77 MiB of that and 0.2 leaves 51 MiB,
 while the page-cache behaviour stays at least 0.5 away from either bound.
 MemFree is sampled for up to 5 s and its best gain taken: a RWF_DONTCACHE
-write drops its pages when writeback completes, just after the write."""
+write drops its pages when writeback completes, just after the write.
+
+MemFree is the whole machine's, so a neighbour that allocates while we
+watch can hide what we freed: the round is run again (fault all back,
+fill, reclaim) up to ATTEMPTS times, and one round must meet both bounds.
+What cannot be noise is checked every round: the swap file's own pages
+in the cache (mincore) stay near 0, which the page-cache path fails
+every time (65,601 of 65,536 reclaimed pages cached)."""
 import os
 import time
 
@@ -31,6 +38,7 @@ WORKLOAD_MIB = 256
 MEMFREE_MIN = 0.7   # of the bytes reclaimed, within 5 s
 CACHED_MAX = 0.2
 SETTLE = 5.0
+ATTEMPTS = 3  # rounds; MemFree must hold its bound in one of them
 
 
 def meminfo() -> dict[str, int]:
@@ -72,33 +80,45 @@ def test_reclaim_gives_memory_back_to_the_machine(small_server):
         pytest.skip(f"the swap file is on {memfs}, which is memory: nothing can be freed")
     mode = s.status()["swap"].get("io_mode")
     w = Workload(s.socket, mib=WORKLOAD_MIB, threads=2)
+    rounds = []
     try:
         wait_client(s, w.pid)
-        w.cmd("fill 7")
-        time.sleep(0.5)  # let the fill's page-table and allocator work settle
-        before = meminfo()
-        got = s.reclaim(w.pid)
-        assert got >= 0.9 * WORKLOAD_MIB * MIB, got
-        best_free, cached = None, None
-        deadline = time.monotonic() + SETTLE
-        while time.monotonic() < deadline:
-            now = meminfo()
-            gain = now["MemFree"] - before["MemFree"]
-            if best_free is None or gain > best_free:
-                best_free, cached = gain, now["Cached"] - before["Cached"]
-            if best_free >= got and cached <= 0.05 * got:
+        for attempt in range(ATTEMPTS):
+            w.cmd(f"fill {attempt + 7}")
+            time.sleep(0.5)  # let the fill's page-table and allocator work settle
+            got, free, cached = reclaim_and_watch(s, w.pid)
+            swap_pages = swap_cached_pages(s.swap)
+            rounds.append(f"io_mode {mode}: reclaimed {got / MIB:.0f} MiB, MemFree "
+                          f"{free / MIB:+.0f} MiB ({free / got:.2f}), Cached {cached / MIB:+.0f} "
+                          f"MiB ({cached / got:.2f}), swap file pages cached {swap_pages}")
+            print(rounds[-1])
+            # the swap file itself is never in the cache: no noise in this one
+            assert swap_pages <= got // PAGE // 100, rounds
+            # every page comes back right, read from the device, not the cache
+            assert w.verify() == (w.npages, 0)
+            assert swap_cached_pages(s.swap) <= got // PAGE // 100, rounds
+            if free >= MEMFREE_MIN * got and cached <= CACHED_MAX * got:
                 break
-            time.sleep(0.05)
-        swap_pages = swap_cached_pages(s.swap)
-        figures = (f"io_mode {mode}: reclaimed {got / MIB:.0f} MiB, MemFree +{best_free / MIB:.0f}"
-                   f" MiB ({best_free / got:.2f}), Cached {cached / MIB:+.0f} MiB "
-                   f"({cached / got:.2f}), swap file pages cached {swap_pages}")
-        print(figures)
-        assert best_free >= MEMFREE_MIN * got, figures
-        assert cached <= CACHED_MAX * got, figures
-        assert swap_pages <= got // PAGE // 100, figures
-        # every page comes back right, read from the device, not the cache
-        assert w.verify() == (w.npages, 0)
-        assert swap_cached_pages(s.swap) <= got // PAGE // 100
+        else:
+            raise AssertionError(f"MemFree or Cached out of bounds in every round: {rounds}")
     finally:
         w.close()
+
+
+def reclaim_and_watch(s: Server, pid: int) -> tuple[int, int, int]:
+    """Reclaim everything; then (bytes reclaimed, best MemFree gain within
+    SETTLE seconds, Cached growth at that moment)."""
+    before = meminfo()
+    got = s.reclaim(pid)
+    assert got >= 0.9 * WORKLOAD_MIB * MIB, got
+    best_free, cached = None, None
+    deadline = time.monotonic() + SETTLE
+    while time.monotonic() < deadline:
+        now = meminfo()
+        gain = now["MemFree"] - before["MemFree"]
+        if best_free is None or gain > best_free:
+            best_free, cached = gain, now["Cached"] - before["Cached"]
+        if best_free >= got and cached <= 0.05 * got:
+            break
+        time.sleep(0.05)
+    return got, best_free, cached
