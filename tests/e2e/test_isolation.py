@@ -92,3 +92,48 @@ def test_many_connections_leave_fds_for_a_forked_child(need_kernel, tmp_path):
             w.close()
         assert s.stop() == 0, s.log_text()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_an_fd_whose_close_blocks_does_not_freeze_the_server(server):
+    """A peer sends, with a request that takes no fds, a TCP socket whose
+    close blocks (SO_LINGER with unsent data: close() waits until the data
+    is gone or the linger time is up, like a FUSE file whose FLUSH is never
+    answered). The server refuses the message and closes the fd, but never
+    on its event loop: it keeps answering."""
+    import array
+    import socket
+    import struct
+    import time
+
+    from uffdsrv.core import protocol
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    tcp = socket.create_connection(listener.getsockname())
+    peer, _ = listener.accept()  # never reads
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    tcp.setblocking(False)
+    try:
+        while True:
+            tcp.send(b"x" * 65536)
+    except BlockingIOError:
+        pass  # the peer's window is shut: what is queued stays unsent
+    tcp.setblocking(True)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 30))
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        c.connect(server.socket)
+        c.sendmsg([protocol.pack_ctl(protocol.CTL, 1, {"cmd": "status"})],
+                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [tcp.fileno()]))])
+        tcp.close()  # the server holds the last reference now
+        c.settimeout(10)
+        assert protocol.header(c.recv(protocol.MAX_MSG))[0] == protocol.ERROR
+        t0 = time.monotonic()
+        ctl.request(server.socket, "status", timeout=5)
+        assert time.monotonic() - t0 < 5
+    finally:
+        c.close()
+        peer.close()  # unread data: a reset, which ends the linger
+        listener.close()

@@ -30,11 +30,14 @@ from ..core import access, protocol
 from ..core.protocol import ProtocolError
 from ..core.ratelimit import LogLimit
 from ..system import ident, proc, procfs
-from . import admission
+from . import admission, sockets
 from .managed import Registry
 
 log = logging.getLogger("uffdsrv.control")
-MAX_FDS = 4
+# fds a message may carry before the kernel drops the rest itself: it
+# drops them on *our* thread, and the last close of a peer's file can block
+# (FUSE FLUSH, a lingering socket), so take them all and close them elsewhere
+SCM_MAX_FD = 253
 MAX_CONNS = 4096  # connections at once (unprivileged peers); more are refused
 FDS_PER_CLIENT = 3  # an agent's socket, its uffd, its pidfd
 FD_RESERVE = 256  # the journal, the swap file, the ring, metrics, logs
@@ -147,7 +150,7 @@ class ControlSocket:
                 except OSError:
                     pass
                 conn.closed = True
-                linger(self.loop, s)
+                sockets.linger(self.loop, s)
                 continue
             self.conns.add(conn)
             self.loop.add_reader(s.fileno(), conn.readable)
@@ -204,7 +207,7 @@ class Connection:
         self.control.conns.discard(self)
         if self.kind == "agent" and self.client is not None:
             self.handlers.agent_lost(self.client, self)
-        linger(self.control.loop, self.sock)
+        sockets.linger(self.control.loop, self.sock)
 
     def send(self, data: bytes) -> None:
         try:
@@ -219,13 +222,13 @@ class Connection:
                 return
             try:
                 data, anc, flags, _ = self.sock.recvmsg(
-                    protocol.MAX_MSG, socket.CMSG_SPACE(MAX_FDS * 4))
+                    protocol.MAX_MSG, socket.CMSG_SPACE(SCM_MAX_FD * 4))
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 self.close()
                 return
-            fds = _fds(anc)
+            fds = sockets.received_fds(anc)
             try:
                 if not data and not fds:
                     self.close()
@@ -243,8 +246,7 @@ class Connection:
                 log.exception("pid %s: message handling failed; dropping the peer", self.pid)
                 self.close()
             finally:
-                for fd in fds:
-                    os.close(fd)
+                sockets.close_later(fds)
 
     def dispatch(self, data: bytes, fds: list[int]) -> list[int]:
         """Handle one message; returns the fds it did not keep."""
@@ -336,51 +338,3 @@ class Connection:
             reply = {"error": f"{type(e).__name__}: {e}"}
         if not self.closed:
             self.send(protocol.pack_ctl(protocol.CTL_REPLY, seq, reply))
-
-
-def _fds(anc) -> list[int]:
-    fds = []
-    for level, typ, data in anc:
-        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(data[: len(data) - len(data) % a.itemsize])
-            fds.extend(a)
-    return fds
-
-
-def linger(loop: asyncio.AbstractEventLoop, sock: socket.socket, seconds: float = 1.0) -> None:
-    """Close a connection so that the peer still reads our last message.
-
-    A unix socket closed with unread messages in its queue makes the peer's
-    next recv fail with ECONNRESET, before it can read what we queued for
-    it (the ERROR saying why). So: stop sending, then drop what the peer
-    still sends until it hangs up, for a second at most, and close."""
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        sock.close()
-        return
-    fd = sock.fileno()
-
-    def drain(final: bool = False) -> None:
-        try:
-            while sock.recv(protocol.MAX_MSG):
-                pass
-            final = True  # the peer hung up
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
-            final = True
-        if final:
-            timer.cancel()
-            try:
-                loop.remove_reader(fd)
-            except Exception:
-                pass
-            sock.close()
-    try:
-        loop.add_reader(fd, drain)
-    except Exception:
-        sock.close()
-        return
-    timer = loop.call_later(seconds, drain, True)
