@@ -1,9 +1,11 @@
-"""python -m bench {zap,reclaim,fault,policy,all} [--quick] [--json FILE]
+"""python -m bench {zap,reclaim,fault,policy,manage,all} [--quick] [--json FILE]
 
-What vectored process_madvise buys over madvise, how uffdsrv's fault path
-compares with a minimal C handler and with the kernel's own swap, and which
-pages each reclaim policy keeps under a budget; all in one run, on this
-machine. Needs root (userfaultfd, swapon, the server).
+What vectored process_madvise buys over madvise, how uffdsrv's reclaim and
+fault path compare with a minimal C handler and with the kernel's own swap
+on the same device, which pages each reclaim policy keeps under a budget,
+and what being managed costs a busy program; all in one run, on this
+machine. Needs root (userfaultfd, swapon, a memory cgroup, the server) and
+stress-ng for `manage`.
 
 Writes bench/results/results.json, results.md and *.png; `--json FILE`
 writes the JSON there too. A full `all` run also rewrites bench/RESULTS.md.
@@ -23,18 +25,27 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import procs, report, runs
+from . import kernel, procs, report, runs, stress
 
-BENCHES = ("zap", "reclaim", "fault", "policy")
+BENCHES = ("zap", "reclaim", "fault", "policy", "manage")
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-CAVEATS = """Read with care: (1) without memory pressure, pages that MADV_PAGEOUT wrote
-stay in the swap cache, so kernel swap-in below is a minor fault, not a read
-from the swap file: the kernel's best case. (2) On a KVM guest with
-paravirtual TLB flush, a flush aimed at a preempted vCPU is deferred without
-an IPI, so shootdown counts vary between runs; ratios within one run count.
-(3) The reclaim workload has every other page filled, so every reclaimed page
-is a range of its own (the worst case for zaps), and one thread busy.
+CAVEATS = """Read with care: (1) `kernel-swap` is the kernel's swap-in from the device: the
+faulter's memory cgroup limit was lowered until its pages were on the swap file and
+out of the swap cache (the rows give the major faults of the walk and SwapCached
+before it); `kernel-swap-cached` is MADV_PAGEOUT with no pressure, whose pages stay
+in the swap cache (minor faults): the kernel's best case. (2) The C reference reads
+its swap file with O_DIRECT, one page per fault, as the server's swap reads do.
+(3) `cpu_s_per_gib` of a fault row is the serving side's CPU: the server process,
+the C handler process, and for the kernel the faulter's system time minus that of
+the same walk with every page resident (the kernel's share of the fault; device
+interrupts that land on another task are not in it). (4) MemFree and Cached are
+machine-wide: anything else running moves them. (5) On a KVM guest with
+paravirtual TLB flush, a flush aimed at a preempted vCPU is deferred without an
+IPI, so shootdown counts vary between runs; ratios within one run count. (6) The
+reclaim workload has every other page filled, so every reclaimed page is a range
+of its own (the worst case for zaps), and one thread busy. (7) stress-ng
+bogo-ops/s depend on what else the 2 CPUs do: plain and managed run back to back.
 
 """
 
@@ -62,7 +73,7 @@ def _clean(v):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[2])
-    p.add_argument("which", choices=("zap", "reclaim", "fault", "policy", "all"))
+    p.add_argument("which", choices=(*BENCHES, "all"))
     p.add_argument("--quick", action="store_true", help="small sizes: under a minute")
     p.add_argument("--json", metavar="FILE", help="also write the JSON here")
     a = p.parse_args(argv)
@@ -77,6 +88,9 @@ def main(argv=None) -> int:
         console.print(f"bench: not built: {', '.join(missing)} (run make setup)")
         return 2
     which = set(BENCHES) if a.which == "all" else {a.which}
+    if "manage" in which and not stress.available():
+        console.print("bench: manage needs stress-ng (apt-get install stress-ng, or make setup)")
+        return 2
     plan = runs.Plan.make(a.quick)
     procs.install_signal_handlers()
     started = datetime.datetime.now(datetime.UTC)
@@ -113,7 +127,7 @@ def main(argv=None) -> int:
     meta = {"machine": machine(), "command": cmd, "quick": a.quick,
             "started": started.isoformat(timespec="seconds"),
             "seconds": time.monotonic() - t0, "kernel": platform.release(),
-            "cpus": os.cpu_count()}
+            "kernel_features": kernel.features(), "cpus": os.cpu_count()}
     rats = report.ratios(rows)
     doc = {"meta": meta, "rows": [{k: _clean(v) for k, v in r.items()} for r in rows],
            "ratios": [{k: _clean(v) for k, v in r.items()} for r in rats]}

@@ -1,10 +1,12 @@
-"""The processes a benchmark drives, and the kernel swap it may enable.
+"""The processes a benchmark drives.
 
 Everything started here is registered in `STARTED` and stopped, by pid, in
-`cleanup()`; the kernel swap file is swapped off and deleted in
-`KernelSwap.__exit__`, and `install_signal_handlers()` turns SIGTERM into an
-exception so that both run on SIGINT and SIGTERM too. Nothing is left
-behind: no process, no swap, no file outside the run's temporary directory.
+`cleanup()`; what the kernel side enables (bench/kernel.py: a swap file, a
+memory cgroup) is registered in `RESOURCES` and closed there too, after the
+processes, last in first out. `install_signal_handlers()` turns SIGTERM
+into an exception so that all of it runs on SIGINT and SIGTERM too.
+Nothing is left behind: no process, no swap, no cgroup, no file outside the
+run's temporary directory.
 """
 import contextlib
 import json
@@ -16,18 +18,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from uffdsrv.cli import UsageError, request
+from uffdsrv import ctl
+from uffdsrv.harness import ServerError, ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "uffdsrv" / "_bin"
 PY = sys.executable
-PAGE = 4096
 MIB = 1 << 20
 GIB = 1 << 30
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 STARTED: list[subprocess.Popen] = []
-SWAPS: list["KernelSwap"] = []
+RESOURCES: list = []  # each has close(); see bench/kernel.py
 
 
 class BenchError(Exception):
@@ -59,14 +61,14 @@ def stop(proc: subprocess.Popen | None, sig=signal.SIGTERM, timeout: float = 30)
 
 
 def cleanup() -> None:
-    """Stops every process we started (by pid), then every swap we enabled.
-    Safe to call twice; signals are held off meanwhile."""
+    """Stops every process we started (by pid), then closes every cgroup
+    and swap we made. Safe to call twice; signals are held off meanwhile."""
     old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while STARTED:
             stop(STARTED.pop())
-        while SWAPS:
-            SWAPS.pop().off()
+        while RESOURCES:
+            RESOURCES.pop().close()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -108,48 +110,56 @@ def cpu_seconds(pid: int, skip_comm: str = "faulter-busy") -> float:
 
 
 class Server:
-    """`python -m uffdsrv serve`, its socket and swap file in tmp."""
+    """`python -m uffdsrv serve` through uffdsrv.harness.ServerProcess (the
+    one way tests, demo and bench start a server), its socket and swap file
+    in tmp. Status is polled over the harness's kept connection, in this
+    process."""
 
     def __init__(self, tmp: Path, swap_bytes: int, zap_mode: str = "process_madvise",
                  policy: str | None = None):
         self.dir = Path(tempfile.mkdtemp(prefix="server-", dir=tmp))
         self.socket = str(self.dir / "uffdsrv.sock")
         self.log = self.dir / "server.log"
-        self.args = ["serve", "--socket", self.socket, "--swap", str(self.dir / "swap"),
-                     "--swap-size", str(swap_bytes), "--zap-mode", zap_mode,
-                     "--log-level", "warning"]
+        extra = ["--zap-mode", zap_mode, "--log-level", "warning"]
         if policy:
-            self.args += ["--policy", policy]
-        self.proc = None
+            extra += ["--policy", policy]
+        self.harness = ServerProcess(self.socket, str(self.dir / "swap"), swap_bytes,
+                                     extra_args=extra, log_path=str(self.log))
 
     def __enter__(self):
-        with open(self.log, "ab") as log:
-            self.proc = popen([PY, "-m", "uffdsrv", *self.args], stdout=log,
-                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"uffdsrv serve exited: {self.log.read_text()[-2000:]}")
-            if os.path.exists(self.socket):
-                try:
-                    request(self.socket, {"cmd": "status"}, timeout=2)
-                    return self
-                except UsageError:
-                    pass
-            time.sleep(0.05)
-        raise BenchError("uffdsrv serve did not come up in 30 s")
+        try:
+            self.harness.start(timeout=30)
+        except ServerError as e:
+            raise BenchError(f"uffdsrv serve: {e}") from None
+        finally:
+            if self.harness.proc is not None:
+                STARTED.append(self.harness.proc)  # cleanup() stops it after its clients
+        return self
 
     def __exit__(self, *exc):
-        stop(self.proc, timeout=60)
-        if self.proc in STARTED:
-            STARTED.remove(self.proc)
+        try:
+            self.harness.stop(timeout=60)
+        except ServerError as e:
+            print(f"bench: {e}", file=sys.stderr)
+        finally:
+            if self.harness.proc in STARTED:
+                STARTED.remove(self.harness.proc)
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.harness.pid
 
     def status(self) -> dict:
-        return request(self.socket, {"cmd": "status"}, timeout=30)
+        try:
+            return self.harness.status()
+        except ctl.ControlError as e:
+            raise BenchError(f"uffdsrv status: {e}") from None
+
+    def request(self, cmd: str, timeout: float = 600, **fields) -> dict:
+        try:
+            return ctl.request(self.socket, cmd, timeout=timeout, **fields)
+        except ctl.ControlError as e:
+            raise BenchError(f"uffdsrv {cmd}: {e}") from None
 
     def wait_client(self, pid: int, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
@@ -159,9 +169,9 @@ class Server:
             time.sleep(0.05)
         raise BenchError(f"pid {pid} never connected to the server")
 
-    def reclaim(self, pid: int) -> int:
-        return request(self.socket, {"cmd": "reclaim", "pid": pid, "keep_bytes": 0},
-                       timeout=600)["reclaimed_bytes"]
+    def reclaim(self, pid: int, timeout: float = 600) -> int:
+        return self.request("reclaim", timeout=timeout, pid=pid,
+                            keep_bytes=0)["reclaimed_bytes"]
 
     def client(self, pid: int) -> dict:
         """The client's entry of `status --json`."""
@@ -172,7 +182,7 @@ class Server:
 
     def limit(self, pid: int, nbytes: int | None) -> None:
         """`uffdsrv limit --pid PID --bytes N`: the budget the server holds it at."""
-        request(self.socket, {"cmd": "limit", "pid": pid, "bytes": nbytes}, timeout=30)
+        self.request("limit", timeout=30, pid=pid, bytes=nbytes)
 
     def wait_for(self, pid: int, what: str, ok, timeout: float = 30) -> dict:
         """Polls the client's status until ok(status) holds."""
@@ -188,14 +198,19 @@ class Server:
 
 class Faulter:
     """native/bench/faulter.c: one command line in, one answer line out;
-    under the agent (`uffdsrv run`) when a server socket is given."""
+    under the agent (`uffdsrv run`) when a server socket is given; inside a
+    memory cgroup from its first page on when `cgroup` (the group's
+    cgroup.procs) is given. Either way the pid is the faulter's own: both
+    wrappers exec it."""
 
     def __init__(self, mib: int, stride: int = 1, socket: str | None = None, seed: int = 1,
-                 busy: int = 0):
+                 busy: int = 0, cgroup: str | None = None):
         cmd = [str(BIN / "faulter"), "--mib", str(mib), "--stride", str(stride),
                "--seed", str(seed), "--busy", str(busy)]
         if socket:
             cmd = [PY, "-m", "uffdsrv", "run", "--socket", socket, "--", *cmd]
+        if cgroup:
+            cmd = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', cgroup, *cmd]
         self.proc = popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
         ready = self.proc.stdout.readline().split()
@@ -219,16 +234,31 @@ class Faulter:
         self.cmd(f"fill {self.gen}")
 
     def fault(self, pattern: str, threads: int) -> dict:
+        """The timed walk. faulter_sys_s is the faulter's own system time
+        meanwhile; handler_cpu_s the C reference handler's CPU time (0
+        without one)."""
         o = self.cmd(f"fault {pattern} {threads}")
         wall, pages, faults = float(o[0]), int(o[1]), int(o[2])
         r = {"pages": pages, "faults": faults, "seconds": wall,
              "pages_per_s": pages / wall if wall > 0 else float("nan"),
              "p50_us": int(o[3]) / 1e3, "p99_us": int(o[4]) / 1e3,
              "access_p50_us": int(o[5]) / 1e3, "access_p99_us": int(o[6]) / 1e3,
-             "bad_pages": int(o[7])}
+             "bad_pages": int(o[7]), "faulter_sys_s": int(o[8]) / 1e9,
+             "handler_cpu_s": int(o[9]) / 1e9}
         if r["bad_pages"]:
             raise BenchError(f"{r['bad_pages']} pages read back wrong after fault-in")
         return r
+
+    def swapstat(self) -> tuple[int, int, int]:
+        """(pages swapped out, of which still in the swap cache, pages present)."""
+        o = self.cmd("swapstat")
+        return int(o[0]), int(o[1]), int(o[2])
+
+    def refreclaim(self, path) -> dict:
+        """The C reference's reclaim: the buffer written to path, zapped,
+        and a refhandler started to serve it."""
+        o = self.cmd(f"refreclaim {path}")
+        return {"reclaim_s": float(o[0]), "handler_pid": int(o[1]), "io_mode": o[2]}
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -305,70 +335,6 @@ class PolicyLoad:
 
     def __exit__(self, *exc):
         self.close()
-
-
-class KernelSwap:
-    """A swap file under tmp (same filesystem as the server's swap file),
-    just big enough, enabled for the duration of a `with` block. Off and
-    deleted on the way out, whatever happens; `cleanup()` catches it too.
-    Only the benchmark's own buffer is ever paged out (MADV_PAGEOUT on that
-    buffer): nothing else on the machine is under memory pressure."""
-
-    def __init__(self, tmp: Path, nbytes: int):
-        self.dir = Path(tempfile.mkdtemp(prefix="kswap-", dir=tmp))
-        self.path = self.dir / "swapfile"
-        self.nbytes = (nbytes + 4 * MIB) // PAGE * PAGE  # + header and slack
-        self.on = False
-
-    def __enter__(self):
-        existing = swaps()
-        if existing:
-            raise BenchError(f"swap is already enabled on this machine ({existing}); the "
-                             "kernel-swap comparison needs to own the only swap")
-        SWAPS.append(self)
-        # swapon refuses files with holes: write every block
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            chunk = bytes(MIB)
-            for _ in range(self.nbytes // MIB):
-                os.write(fd, chunk)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        run(["mkswap", str(self.path)])
-        run(["swapon", str(self.path)])
-        self.on = True
-        return self
-
-    def off(self) -> None:
-        if self.on:
-            r = subprocess.run(["swapoff", str(self.path)], capture_output=True, text=True)
-            if r.returncode != 0:
-                print(f"bench: swapoff {self.path} failed: {r.stderr.strip()}",
-                      file=sys.stderr)
-            else:
-                self.on = False
-        if not self.on:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-                self.dir.rmdir()
-
-    def __exit__(self, *exc):
-        self.off()
-        if self in SWAPS:
-            SWAPS.remove(self)
-
-
-def swaps() -> list[str]:
-    with open("/proc/swaps") as f:
-        return [line.split()[0] for line in f.read().splitlines()[1:] if line.strip()]
-
-
-def run(argv) -> str:
-    r = subprocess.run(argv, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise BenchError(f"{' '.join(argv)}: {r.stderr.strip() or r.stdout.strip()}")
-    return r.stdout
 
 
 def zapbench(memory: str, busy: int, ranges: int, rounds: int, vlens) -> list[dict]:

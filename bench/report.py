@@ -38,6 +38,14 @@ def ratios(rows) -> list[dict]:
         out.append({"name": name, "value": v, "target": target, "op": op, "met": met,
                     "a": a, "b": b, "note": note})
 
+    def absolute(name, v, op=None, target=None, note=""):
+        met = None
+        if v is not None and op:
+            met = v >= target if op == ">=" else v <= target
+        out.append({"name": name, "value": v, "target": target, "op": op, "met": met,
+                    "a": None, "b": None, "note": "absolute, not a ratio"
+                    + (f"; {note}" if note else "")})
+
     # zap
     if "zap" in have:
         busy = 1 if _sel(rows, bench="zap", threads=1) else 0
@@ -63,57 +71,112 @@ def ratios(rows) -> list[dict]:
                 mt / mr if mt is not None and mr else None,
                 pt / pr if pt is not None and pr else None,
                 ">=" if headline else None, 300 if headline else None, note)
-    # reclaim
     if "reclaim" in have:
-        for sf in ("reused", "fresh"):
-            pm = _sel(rows, bench="reclaim", method="process_madvise", swap_file=sf)
-            ma = _sel(rows, bench="reclaim", method="madvise", swap_file=sf)
-            po = _sel(rows, bench="reclaim", method="pageout", swap_file=sf)
-            steady = sf == "reused"
-            out.append({"name": f"reclaim ({sf} swap file): TLB per page, "
-                                "coalesced process_madvise",
-                        "value": _med(pm, "tlb_per_page"), "target": 0.002 if steady else None,
-                        "op": "<=" if steady else None,
-                        "met": (_med(pm, "tlb_per_page") <= 0.002
-                                if steady and _med(pm, "tlb_per_page") is not None else None),
-                        "a": None, "b": None, "note": "absolute, not a ratio"})
-            add(f"reclaim ({sf}): pages/s, uffdsrv (process_madvise) / kernel MADV_PAGEOUT",
-                _med(pm, "pages_per_s"), _med(po, "pages_per_s"),
-                ">=" if steady else None, 1.0 if steady else None)
-            add(f"reclaim ({sf}): pages/s, process_madvise / madvise zaps",
-                _med(pm, "pages_per_s"), _med(ma, "pages_per_s"))
-            add(f"reclaim ({sf}): TLB per page, madvise / process_madvise zaps",
-                _med(ma, "tlb_per_page"), _med(pm, "tlb_per_page"))
-            add(f"reclaim ({sf}): CPU s per GiB, uffdsrv (process_madvise) / MADV_PAGEOUT",
-                _med(pm, "cpu_s_per_gib"), _med(po, "cpu_s_per_gib"))
-    # fault
+        _reclaim_ratios(rows, add, absolute)
     if "fault" in have:
-        for pattern in ("random", "seq"):
-            for threads in (1, 4):
-                u = _sel(rows, bench="fault", method="uffdsrv", pattern=pattern,
-                         threads=threads)
-                c = _sel(rows, bench="fault", method="c-reference", pattern=pattern,
-                         threads=threads)
-                k = _sel(rows, bench="fault", method="kernel-swap", pattern=pattern,
-                         threads=threads)
-                t_ref = pattern == "random" and threads == 1
-                t_k = pattern == "seq" and threads == 1
-                add(f"fault {pattern}, {threads} thr: pages/s, uffdsrv / c-reference",
-                    _med(u, "pages_per_s"), _med(c, "pages_per_s"),
-                    ">=" if t_ref else None, 0.8 if t_ref else None)
-                add(f"fault {pattern}, {threads} thr: p99 us, uffdsrv / c-reference",
-                    _med(u, "p99_us"), _med(c, "p99_us"),
-                    "<=" if t_ref else None, 1.5 if t_ref else None)
-                add(f"fault {pattern}, {threads} thr: p50 us, uffdsrv / c-reference",
-                    _med(u, "p50_us"), _med(c, "p50_us"))
-                add(f"fault {pattern}, {threads} thr: pages/s, uffdsrv / kernel-swap",
-                    _med(u, "pages_per_s"), _med(k, "pages_per_s"),
-                    ">=" if t_k else None, 1.0 if t_k else None,
-                    "kernel-swap pages were still in the swap cache (minor faults)"
-                    if any(r.get("still_in_swap_cache") for r in k) else "")
+        _fault_ratios(rows, add)
+    if "manage" in have:
+        for stressor in ("malloc", "fork", "mmap"):
+            m = _sel(rows, bench="manage", method=stressor)
+            add(f"manage stress-ng --{stressor}: bogo-ops/s, managed / plain",
+                _med(m, "managed_ops_per_s"), _med(m, "plain_ops_per_s"), ">=", 0.5)
+    if "busy-reclaim" in have:
+        b = _sel(rows, bench="busy-reclaim")
+        add("busy-reclaim (stress-ng --malloc 2 running): bytes reclaimed / managed",
+            _med(b, "reclaimed_bytes"), _med(b, "managed_bytes"), ">=", 0.5,
+            "; ".join(e for r in b for e in r.get("errors", []))[:200])
+        add("busy-reclaim: bytes reclaimed / resident",
+            _med(b, "reclaimed_bytes"), _med(b, "resident_bytes"))
     if "policy" in have:
         _policy_ratios(rows, add, out)
     return out
+
+
+def _reclaim_ratios(rows, add, absolute) -> None:
+    for sf in ("reused", "fresh"):
+        pm = _sel(rows, bench="reclaim", method="process_madvise", swap_file=sf)
+        ma = _sel(rows, bench="reclaim", method="madvise", swap_file=sf)
+        po = _sel(rows, bench="reclaim", method="pageout", swap_file=sf)
+        absolute(f"reclaim ({sf} swap file): TLB per page, coalesced process_madvise",
+                 _med(pm, "tlb_per_page"), "<=", 0.002)
+        add(f"reclaim ({sf}): pages/s, uffdsrv (process_madvise) / kernel MADV_PAGEOUT",
+            _med(pm, "pages_per_s"), _med(po, "pages_per_s"), ">=", 1.0)
+        absolute(f"reclaim ({sf}): MemFree gained / bytes reclaimed, uffdsrv",
+                 _med(pm, "memfree_gain_ratio"), ">=", 0.9,
+                 f"within {_med(pm, 'memfree_window_s')} s of reclaim returning")
+        absolute(f"reclaim ({sf}): page-cache growth / bytes reclaimed, uffdsrv",
+                 _med(pm, "page_cache_growth_ratio"), "<=", 0.1)
+        absolute(f"reclaim ({sf}): swap file's pages in the page cache / bytes reclaimed, "
+                 "uffdsrv (mincore)", _med(pm, "swap_file_cached_ratio"))
+        absolute(f"reclaim ({sf}): MemFree gained / bytes reclaimed, MADV_PAGEOUT",
+                 _med(po, "memfree_gain_ratio"))
+        absolute(f"reclaim ({sf}): swap-cache growth / bytes reclaimed, MADV_PAGEOUT",
+                 _med(po, "swap_cache_growth_ratio"))
+        add(f"reclaim ({sf}): pages/s, process_madvise / madvise zaps",
+            _med(pm, "pages_per_s"), _med(ma, "pages_per_s"))
+        add(f"reclaim ({sf}): TLB per page, madvise / process_madvise zaps",
+            _med(ma, "tlb_per_page"), _med(pm, "tlb_per_page"))
+        add(f"reclaim ({sf}): CPU s per GiB, uffdsrv (process_madvise) / MADV_PAGEOUT",
+            _med(pm, "cpu_s_per_gib"), _med(po, "cpu_s_per_gib"))
+
+
+def _device_note(k) -> str:
+    """Says so when the kernel-swap rows were not all reads from the device."""
+    bad = [r for r in k if not r.get("major_faults")
+           or r.get("still_in_swap_cache", 0) > 0.05 * r.get("pages", 1)]
+    return (f"{len(bad)} of {len(k)} kernel-swap walks were not from the device "
+            "(no major faults, or > 5% still in the swap cache)" if bad else "")
+
+
+def _fault_ratios(rows, add) -> None:
+    f = _sel(rows, bench="fault")
+
+    def fig(method, field, **kw):
+        return _med(_sel(f, method=method, **kw), field)
+    for threads in (1, 4):
+        kw = {"pattern": "random", "threads": threads}
+        add(f"fault random, {threads} thr: pages/s, uffdsrv / c-reference",
+            fig("uffdsrv", "pages_per_s", **kw), fig("c-reference", "pages_per_s", **kw),
+            ">=", 1.0)
+        add(f"fault random, {threads} thr: p99 us, uffdsrv / c-reference",
+            fig("uffdsrv", "p99_us", **kw), fig("c-reference", "p99_us", **kw),
+            "<=" if threads == 1 else None, 1.5 if threads == 1 else None)
+        add(f"fault random, {threads} thr: p50 us, uffdsrv / c-reference",
+            fig("uffdsrv", "p50_us", **kw), fig("c-reference", "p50_us", **kw))
+        add(f"fault random, {threads} thr: CPU s per GiB, uffdsrv / c-reference",
+            fig("uffdsrv", "cpu_s_per_gib", **kw), fig("c-reference", "cpu_s_per_gib", **kw),
+            "<=", 2.0)
+        add(f"fault random, {threads} thr: pages/s, uffdsrv / kernel-swap",
+            fig("uffdsrv", "pages_per_s", **kw), fig("kernel-swap", "pages_per_s", **kw),
+            note=_device_note(_sel(f, method="kernel-swap", **kw)))
+    rounds = sorted({r["round"] for r in f if r.get("round")})
+    for rnd in rounds:
+        kw = {"pattern": "seq", "threads": 1, "round": rnd}
+        add(f"fault seq, 1 thr, round {rnd}: pages/s, uffdsrv / kernel-swap",
+            fig("uffdsrv", "pages_per_s", **kw), fig("kernel-swap", "pages_per_s", **kw),
+            ">=", 1.0, _device_note(_sel(f, method="kernel-swap", **kw)))
+        add(f"fault seq, 1 thr, round {rnd}: pages/s, uffdsrv / kernel-swap-cached",
+            fig("uffdsrv", "pages_per_s", **kw), fig("kernel-swap-cached", "pages_per_s", **kw))
+        add(f"fault seq, 1 thr, round {rnd}: pages/s, uffdsrv / c-reference",
+            fig("uffdsrv", "pages_per_s", **kw), fig("c-reference", "pages_per_s", **kw))
+    if rounds:
+        kw = {"pattern": "seq", "threads": 1}
+        add("fault seq, 1 thr: CPU s per GiB, uffdsrv / c-reference (median of rounds)",
+            fig("uffdsrv", "cpu_s_per_gib", **kw), fig("c-reference", "cpu_s_per_gib", **kw),
+            "<=", 2.0)
+        for m in ("uffdsrv", "kernel-swap"):
+            add(f"fault seq, 1 thr: pages/s, {m} round {rounds[-1]} / round 1 (readahead decay)",
+                fig(m, "pages_per_s", round=rounds[-1], **kw),
+                fig(m, "pages_per_s", round=1, **kw))
+    kw = {"pattern": "seq", "threads": 4}
+    for other in ("c-reference", "kernel-swap"):
+        add(f"fault seq, 4 thr: pages/s, uffdsrv / {other} (median of rounds)",
+            fig("uffdsrv", "pages_per_s", **kw), fig(other, "pages_per_s", **kw))
+    kw = {"pattern": "random", "threads": 1}
+    add("fault random, 1 thr: pages/s, c-reference / kernel-swap (same device)",
+        fig("c-reference", "pages_per_s", **kw), fig("kernel-swap", "pages_per_s", **kw))
+    add("fault random, 1 thr: CPU s per GiB, uffdsrv / kernel-swap",
+        fig("uffdsrv", "cpu_s_per_gib", **kw), fig("kernel-swap", "cpu_s_per_gib", **kw))
 
 
 def _policy_ratios(rows, add, out) -> None:
@@ -162,7 +225,10 @@ def _table(head, body) -> list[str]:
 
 
 def markdown(rows, rats, meta) -> str:
-    md = [f"Machine: {meta['machine']}", "", f"Command: `{meta['command']}`", "",
+    md = [f"Machine: {meta['machine']}", ""]
+    if meta.get("kernel_features"):
+        md += [f"Kernel {meta.get('kernel', '')}: {meta['kernel_features']}", ""]
+    md += [f"Command: `{meta['command']}`", "",
           f"Started {meta['started']}, took {meta['seconds']:.0f} s.", ""]
     md += ["### Targets", ""]
     tg = [r for r in rats if r["op"]]
@@ -184,18 +250,48 @@ def markdown(rows, rats, meta) -> str:
                       for r in z])
     rc = _sel(rows, bench="reclaim")
     if rc:
-        md += ["", "### reclaim (workload with every 2nd page filled, one busy thread)", ""]
-        md += _table(["method", "swap file", "pages", "pages/s", "TLB/page", "CPU s/GiB"],
+        md += ["", "### reclaim (workload with every 2nd page filled, one busy thread; "
+               "MemFree gained within the window after reclaim returned, and page-cache "
+               "growth, over the bytes reclaimed)", ""]
+        md += _table(["method", "swap file", "pages", "pages/s", "TLB/page", "CPU s/GiB",
+                      "MemFree gain ratio", "page-cache growth ratio", "swap-cache growth ratio",
+                      "swap file cached ratio", "io mode"],
                      [[r["method"], r["swap_file"], r["pages"], r["pages_per_s"],
-                       r["tlb_per_page"], r["cpu_s_per_gib"]] for r in rc])
+                       r["tlb_per_page"], r["cpu_s_per_gib"], r.get("memfree_gain_ratio"),
+                       r.get("page_cache_growth_ratio"), r.get("swap_cache_growth_ratio"),
+                       r.get("swap_file_cached_ratio"), r.get("io_mode", "–")] for r in rc])
     f = _sel(rows, bench="fault")
     if f:
-        md += ["", "### fault-in (p50/p99 over accesses that faulted)", ""]
-        md += _table(["method", "pattern", "threads", "rep", "pages/s", "faults", "p50 µs",
-                      "p99 µs", "access p99 µs"],
-                     [[r["method"], r["pattern"], r["threads"], r.get("rep", 0),
-                       r["pages_per_s"], r["faults"], r["p50_us"], r["p99_us"],
-                       r["access_p99_us"]] for r in f])
+        md += ["", "### fault-in (p50/p99 over accesses that faulted; CPU of the serving "
+               "side per GiB; major faults of the walk, from /proc/PID/stat; SwapCached "
+               "just before it)", ""]
+        md += _table(["method", "pattern", "threads", "round", "rep", "pages/s", "faults",
+                      "p50 µs", "p99 µs", "access p99 µs", "CPU s/GiB", "major faults",
+                      "SwapCached MiB", "left in swap cache"],
+                     [[r["method"], r["pattern"], r["threads"], r.get("round", "–"),
+                       r.get("rep", 0), r["pages_per_s"], r["faults"], r["p50_us"],
+                       r["p99_us"], r["access_p99_us"], r.get("cpu_s_per_gib"),
+                       r.get("major_faults"), r.get("swapcached_before_bytes", 0) / (1 << 20),
+                       r.get("still_in_swap_cache", "–")] for r in f])
+    mg = _sel(rows, bench="manage")
+    if mg:
+        md += ["", "### manage (stress-ng, one instance, plain and under `uffdsrv run`, "
+               "no reclaim running; bogo-ops/s over real time)", ""]
+        md += _table(["stressor", "seconds", "plain ops/s", "managed ops/s", "ratio",
+                      "server CPU s", "clients seen", "managed MiB at peak"],
+                     [[r["method"], r["seconds"], r["plain_ops_per_s"], r["managed_ops_per_s"],
+                       r["ops_ratio"], r["server_cpu_s"], r["clients_seen"],
+                       r["managed_bytes_peak"] / (1 << 20)] for r in mg])
+    br = _sel(rows, bench="busy-reclaim")
+    if br:
+        md += ["", "### busy-reclaim (`uffdsrv reclaim` of each worker of a running "
+               "stress-ng --malloc 2)", ""]
+        md += _table(["program", "processes", "managed MiB", "resident MiB", "reclaimed MiB",
+                      "reclaimed / managed", "seconds", "errors"],
+                     [[r["method"], r["processes"], r["managed_bytes"] / (1 << 20),
+                       r["resident_bytes"] / (1 << 20), r["reclaimed_bytes"] / (1 << 20),
+                       r["reclaimed_ratio"], r["seconds"],
+                       "; ".join(r["errors"]) or "none"] for r in br])
     pol = _sel(rows, bench="policy")
     if pol:
         r0 = pol[0]
@@ -212,96 +308,5 @@ def markdown(rows, rats, meta) -> str:
 
 
 def plots(rows, outdir: Path) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    made = []
-    z = _sel(rows, bench="zap")
-    if z:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for memory in ("anon", "uffd", "uffd+remove"):
-            for busy in sorted({r["threads"] for r in z}):
-                pm = sorted(_sel(z, method="process_madvise", memory=memory, threads=busy),
-                            key=lambda r: r["vlen"])
-                ma = _sel(z, method="madvise", memory=memory, threads=busy)
-                if not pm:
-                    continue
-                label = f"{memory}, {busy} busy"
-                for ax, field in zip(axes, ("us_per_range", "tlb_per_range")):
-                    line, = ax.plot([r["vlen"] for r in pm],
-                                    [max(r[field], 1e-5) for r in pm], marker="o", label=label)
-                    if ma:
-                        ax.axhline(max(ma[0][field], 1e-5), color=line.get_color(),
-                                   linestyle=":", linewidth=1)
-        for ax, title in zip(axes, ("µs per range", "TLB shootdowns per range")):
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("process_madvise vlen (dotted: madvise, one range per call)")
-            ax.set_title(title)
-            ax.grid(True, which="both", alpha=0.3)
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        made.append(outdir / "zap.png")
-        fig.savefig(made[-1], dpi=110)
-        plt.close(fig)
-    rc = _sel(rows, bench="reclaim")
-    if rc:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-        labels = [f"{r['method']}\n{r['swap_file']}" for r in rc]
-        for ax, field, title in zip(axes, ("pages_per_s", "tlb_per_page", "cpu_s_per_gib"),
-                                    ("pages/s", "TLB shootdowns per page", "CPU s per GiB")):
-            ax.bar(labels, [r[field] for r in rc],
-                   color=["C0" if r["method"] == "process_madvise" else
-                          "C1" if r["method"] == "madvise" else "C2" for r in rc])
-            ax.set_title(title)
-            ax.tick_params(axis="x", labelsize=7)
-        fig.tight_layout()
-        made.append(outdir / "reclaim.png")
-        fig.savefig(made[-1], dpi=110)
-        plt.close(fig)
-    f = _sel(rows, bench="fault")
-    if f:
-        fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-        combos = [(p, t) for p in ("seq", "random") for t in (1, 4)]
-        methods = ("uffdsrv", "c-reference", "kernel-swap")
-        w = 0.27
-        for i, m in enumerate(methods):
-            for ax, field in zip(axes, ("pages_per_s", "p99_us")):
-                vals = [_med(_sel(f, method=m, pattern=p, threads=t), field) or 0
-                        for p, t in combos]
-                ax.bar([k + (i - 1) * w for k in range(len(combos))], vals, w, label=m)
-        for ax, title in zip(axes, ("pages/s (higher is better)", "p99 µs per fault (lower)")):
-            ax.set_xticks(range(len(combos)), [f"{p}, {t} thr" for p, t in combos])
-            ax.set_yscale("log")
-            ax.set_title(title)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        made.append(outdir / "fault.png")
-        fig.savefig(made[-1], dpi=110)
-        plt.close(fig)
-    pol = _sel(rows, bench="policy")
-    if pol:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
-        patterns = [p for p in ("zipf", "seq") if _sel(pol, pattern=p)]
-        methods = [m for m in ("coldest", "fifo", "random") if _sel(pol, method=m)]
-        w = 0.8 / max(1, len(methods))
-        for i, m in enumerate(methods):
-            for ax, field in zip(axes, ("refaults_per_1000", "accesses_per_s",
-                                        "pages_per_swap_fault")):
-                vals = [_med(_sel(pol, method=m, pattern=p), field) or 0 for p in patterns]
-                ax.bar([k + (i - (len(methods) - 1) / 2) * w for k in range(len(patterns))],
-                       vals, w, label=m)
-        for ax, title in zip(axes, ("refaults per 1000 accesses (lower is better)",
-                                    "accesses/s (higher)", "pages per fault from swap")):
-            ax.set_xticks(range(len(patterns)), patterns)
-            ax.set_title(title, fontsize=10)
-            ax.legend(fontsize=8)
-        axes[1].set_yscale("log")
-        axes[2].axhline(4, color="grey", linestyle=":", linewidth=1)
-        fig.suptitle(f"{pol[0]['mib']} MiB at a budget of {pol[0]['budget_fraction']:.0%}",
-                     fontsize=10)
-        fig.tight_layout()
-        made.append(outdir / "policy.png")
-        fig.savefig(made[-1], dpi=110)
-        plt.close(fig)
-    return made
+    from .plots import plots as draw
+    return draw(rows, outdir)

@@ -1,28 +1,37 @@
-"""The four benchmarks. Each yields rows, one measurement each:
+"""The benchmarks. Each yields rows, one measurement each:
 
-    {"bench": "zap"|"reclaim"|"fault"|"policy", "method": str, "threads": int, ...}
+    {"bench": "zap"|"reclaim"|"fault"|"policy"|"manage"|"busy-reclaim",
+     "method": str, "threads": int, ...}
 
-and calls `step(description)` as it goes, for the progress display.
+and calls `step(description)` as it goes, for the progress display. The
+fault benchmark lives in bench/fault.py, the cost of being managed and the
+reclaim of a busy program in bench/manage.py.
 """
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from uffdsrv.core.pages import PAGE
 from uffdsrv.system.proc import tlb_shootdowns
+from uffdsrv.system.procfs import meminfo
 
+from . import fault as _fault
+from . import manage as _manage
+from .kernel import KernelSwap, cached_bytes
 from .procs import (
     GIB,
     MIB,
-    PAGE,
     BenchError,
     Faulter,
-    KernelSwap,
     PolicyLoad,
     Server,
     cpu_seconds,
     zapbench,
 )
+
+fault = _fault.fault
+manage = _manage.manage
 
 VLENS = (1, 8, 64, 256, 1024)
 MEMORIES = ("anon", "uffd", "uffd+remove")
@@ -41,19 +50,21 @@ class Plan:
     reclaim_mib: int = 256   # the workload; every other page filled
     fault_mib: int = 128     # dense
     fault_reps: int = 3
-    patterns: tuple = ("seq", "random")
-    fault_threads: tuple = (1, 4)
     policy_mib: int = 128
     # accesses per pattern: a warm-up (not counted), then the measured run
     policy_accesses: dict = field(default_factory=lambda: {"zipf": 200_000, "seq": 2 * 32768})
     policy_warmup: dict = field(default_factory=lambda: {"zipf": 50_000, "seq": 8192})
+    memfree_window_s: float = 5.0  # how long MemFree is watched after a reclaim returns
+    stress_s: float = 5.0          # stress-ng --timeout, plain and managed
+    busy_settle_s: float = 2.0     # the busy program runs managed this long before reclaim
 
     @classmethod
     def make(cls, quick: bool) -> "Plan":
         if quick:
             return cls(quick=True, zap_rounds=6, reclaim_mib=32, fault_mib=16, fault_reps=1,
                        policy_mib=32, policy_accesses={"zipf": 25_000, "seq": 8192},
-                       policy_warmup={"zipf": 5_000, "seq": 2048})
+                       policy_warmup={"zipf": 5_000, "seq": 2048}, memfree_window_s=1.0,
+                       stress_s=2.0, busy_settle_s=0.5)
         return cls(quick=False)
 
     def busy_counts(self) -> list[int]:
@@ -70,9 +81,11 @@ class Plan:
         if "reclaim" in which:
             n += 3 * 2
         if "fault" in which:
-            n += 3 * len(self.patterns) * len(self.fault_threads) * self.fault_reps
+            n += _fault.steps(self)
         if "policy" in which:
             n += len(POLICIES) * len(POLICY_PATTERNS)
+        if "manage" in which:
+            n += _manage.steps()
         return n
 
 
@@ -110,16 +123,43 @@ def _reclaim_row(method, pages, secs, tlb, cpu, extra):
             "cpu_s": cpu, **extra}
 
 
+def given_back(m0: dict, nbytes: int, window: float) -> dict:
+    """What the machine got back from a reclaim of nbytes that just
+    returned, m0 being /proc/meminfo just before it: the most MemFree
+    gained within `window` seconds (sampled every 50 ms), and how much the
+    page cache (Cached) and the swap cache (SwapCached) grew by the end of
+    it, each over nbytes. Machine-wide figures: whatever else runs moves
+    them too, which is why the workload is large against the noise."""
+    deadline = time.monotonic() + window
+    best = None
+    while True:
+        m = meminfo()
+        gain = m["MemFree"] - m0["MemFree"]
+        best = gain if best is None else max(best, gain)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    cache = m["Cached"] - m0["Cached"]
+    swc = m.get("SwapCached", 0) - m0.get("SwapCached", 0)
+    ratio = (lambda v: v / nbytes) if nbytes else (lambda v: float("nan"))
+    return {"memfree_gain_bytes": best, "memfree_gain_ratio": ratio(best),
+            "page_cache_growth_bytes": cache, "page_cache_growth_ratio": ratio(cache),
+            "swap_cache_growth_ratio": ratio(swc), "memfree_window_s": window}
+
+
 def reclaim(plan: Plan, tmp: Path, step):
     """Every other page of the workload is filled, so that each reclaimed
     page is a range of its own: the server cannot merge neighbours, and
     `--zap-mode madvise` really is one madvise per page. Two passes per
-    method: onto a fresh swap file (the server's is sparse: first writes
-    allocate blocks), then, after the pages were faulted back and
-    rewritten, onto the reused one. The workload keeps one thread busy
+    method: onto a fresh swap file, then, after the pages were faulted back
+    and rewritten, onto the reused one. The workload keeps one thread busy
     meanwhile, as a running program would: that thread is what turns a zap
-    into a cross-CPU TLB shootdown."""
+    into a cross-CPU TLB shootdown. After each reclaim returns, MemFree is
+    watched for `memfree_window_s`: memory given back is the machine's,
+    not the program's RSS (a swap file written through the page cache, or
+    MADV_PAGEOUT's swap cache, keeps the pages in RAM)."""
     mib = plan.reclaim_mib
+    window = plan.memfree_window_s
     for zap_mode in ("process_madvise", "madvise"):
         with Server(tmp, mib * MIB + 64 * MIB, zap_mode) as srv, \
                 Faulter(mib, stride=2, socket=srv.socket, busy=BUSY) as f:
@@ -128,6 +168,7 @@ def reclaim(plan: Plan, tmp: Path, step):
                 step(f"reclaim: uffdsrv --zap-mode {zap_mode}, {swap_file} swap file")
                 if swap_file == "reused":
                     f.refill()  # faults every page back in, and dirties it
+                m0 = meminfo()
                 t0 = _tlb()
                 c0 = cpu_seconds(srv.pid) + cpu_seconds(f.pid)
                 s0 = time.perf_counter()
@@ -135,70 +176,31 @@ def reclaim(plan: Plan, tmp: Path, step):
                 secs = time.perf_counter() - s0
                 cpu = cpu_seconds(srv.pid) + cpu_seconds(f.pid) - c0
                 tlb = _tlb() - t0
+                back = given_back(m0, got, window)
+                swap = srv.status()["swap"]
+                io_mode = swap.get("io_mode")
+                # the swap file's own pages in the page cache, after the window
+                cached = cached_bytes(swap.get("path") or srv.dir / "swap")
+                back["swap_file_cached_ratio"] = (cached / got if cached is not None and got
+                                                  else float("nan"))
                 yield _reclaim_row(zap_mode, got // PAGE, secs, tlb, cpu,
                                    {"swap_file": swap_file, "mib": mib, "layout": "every 2nd page",
-                                    "busy_threads": BUSY,
-                                    "zap_mode": zap_mode})
+                                    "busy_threads": BUSY, "zap_mode": zap_mode,
+                                    "io_mode": io_mode, **back})
     with KernelSwap(tmp, mib * MIB // 2 + 16 * MIB), Faulter(mib, stride=2, busy=BUSY) as f:
         for swap_file in ("fresh", "reused"):
             step(f"reclaim: kernel MADV_PAGEOUT, {swap_file} swap file")
             if swap_file == "reused":
                 f.refill()
+            m0 = meminfo()
             c0 = cpu_seconds(f.pid)
             o = f.cmd("pageout")
             cpu = cpu_seconds(f.pid) - c0
             secs, tlb, swapped = float(o[0]), int(o[1]), int(o[3])
+            back = given_back(m0, swapped * PAGE, window)
             yield _reclaim_row("pageout", swapped, secs, tlb, cpu,
                                {"swap_file": swap_file, "mib": mib, "layout": "every 2nd page",
-                                    "busy_threads": BUSY,
-                                "still_in_swap_cache": int(o[4])})
-
-
-# ---- fault ----------------------------------------------------------------------------
-
-def fault(plan: Plan, tmp: Path, step):
-    """Fault-in of reclaimed memory: `fault_mib` MiB, every page filled,
-    reclaimed whole, then touched once each, in order or shuffled, by 1 or
-    4 threads. Each combination is reclaimed afresh (the pages are
-    rewritten first, so every reclaim has something to write)."""
-    mib = plan.fault_mib
-    combos = [(p, t) for p in plan.patterns for t in plan.fault_threads]
-
-    def rows(method, f, prepare, extra=None):
-        for rep in range(plan.fault_reps):
-            for pattern, threads in combos:
-                step(f"fault: {method}, {pattern}, {threads} thread(s)")
-                f.refill()
-                info = prepare() or {}
-                r = f.fault(pattern, threads)
-                yield {"bench": "fault", "method": method, "threads": threads,
-                       "pattern": pattern, "rep": rep, "mib": mib, **r, **info,
-                       **(extra or {})}
-
-    with Server(tmp, mib * MIB + 64 * MIB) as srv, Faulter(mib, socket=srv.socket) as f:
-        srv.wait_client(f.pid)
-
-        def srv_reclaim():
-            got = srv.reclaim(f.pid)
-            return {"reclaimed_pages": got // PAGE}
-        yield from rows("uffdsrv", f, srv_reclaim)
-
-    refdir = Path(tmp) / "c-reference"
-    refdir.mkdir(exist_ok=True)
-    with Faulter(mib) as f:
-        def ref_reclaim():
-            f.cmd(f"refreclaim {refdir / 'swap'}")
-            return {"reclaimed_pages": f.nfilled}
-        yield from rows("c-reference", f, ref_reclaim)
-
-    with KernelSwap(tmp, mib * MIB), Faulter(mib) as f:
-        def pageout():
-            o = f.cmd("pageout")
-            swapped, cached = int(o[3]), int(o[4])
-            # Without memory pressure a page MADV_PAGEOUT wrote stays in the
-            # swap cache: its fault-in is a minor fault, no read. Say how many.
-            return {"reclaimed_pages": swapped, "still_in_swap_cache": cached}
-        yield from rows("kernel-swap", f, pageout)
+                                "busy_threads": BUSY, "still_in_swap_cache": int(o[4]), **back})
 
 
 # ---- policy ---------------------------------------------------------------------------

@@ -15,14 +15,22 @@
  *   pageout             MADV_PAGEOUT on the whole buffer: the kernel swaps
  *                       it out (to whatever swap the harness enabled)
  *                       -> ok <seconds> <tlb> <cpu_s> <swapped> <swapcached>
- *   refreclaim PATH     the C reference: write the buffer to PATH, register
- *                       it with a userfaultfd of our own, zap it, and start
+ *   swapstat            where the buffer's pages are now
+ *                       -> ok <swapped> <swapcached> <present>
+ *   refreclaim PATH     the C reference: write the buffer to PATH (O_DIRECT
+ *                       where the filesystem allows it), register it with a
+ *                       userfaultfd of our own, zap it, and start
  *                       native/bench/refhandler on that uffd
- *                       -> ok <seconds>
+ *                       -> ok <seconds> <handler_pid> <direct|buffered>
  *   fault seq|random T  touch every filled page once, T threads, and time
  *                       each access; checks the first word of each page
  *                       -> ok <wall_s> <pages> <faults> <p50_ns> <p99_ns>
  *                             <access_p50_ns> <access_p99_ns> <bad>
+ *                             <sys_ns> <handler_cpu_ns>
+ *                       sys_ns: our own system time during the walk (where
+ *                       the kernel's swap-in is accounted); handler_cpu_ns:
+ *                       the C reference handler's CPU time since it started
+ *                       (it does nothing but serve these faults), 0 if none
  *   rss | exit
  *
  * What a "fault" is: an access to a page that /proc/self/pagemap showed
@@ -48,6 +56,7 @@
 #include <stdarg.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 
 #ifndef SYS_userfaultfd
@@ -111,6 +120,32 @@ static long rss_kb(void) {
 
 /* ---- kernel swap ---- */
 
+/* pagemap bit 62: the PTE is a swap entry; bit 63: present. mincore then
+ * says whether a swapped page is still in the swap cache (MADV_PAGEOUT
+ * starts the write and unmaps; without memory pressure the written folio
+ * stays cached, and its next access is a minor fault with no read). */
+static void swap_state(size_t *swapped, size_t *cached, size_t *present) {
+    size_t len = npages * PAGE;
+    *swapped = *cached = *present = 0;
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    unsigned char *vec = malloc(npages);
+    uint64_t *pm = malloc(npages * sizeof *pm);
+    if (fd >= 0 && vec && pm && mincore(base, len, vec) == 0 &&
+        pread(fd, pm, npages * sizeof *pm, (off_t)((uintptr_t)base / PAGE * 8)) ==
+            (ssize_t)(npages * sizeof *pm)) {
+        for (size_t i = 0; i < npages; i++) {
+            if (pm[i] >> 62 & 1) {
+                (*swapped)++;
+                *cached += vec[i] & 1;
+            }
+            *present += pm[i] >> 63 & 1;
+        }
+    }
+    if (fd >= 0) close(fd);
+    free(vec);
+    free(pm);
+}
+
 static void cmd_pageout(void) {
     size_t len = npages * PAGE;
     long t0 = bench_tlb_shootdowns();
@@ -122,26 +157,15 @@ static void cmd_pageout(void) {
         reply("err pageout: %s", strerror(errno));
         return;
     }
-    /* pagemap bit 62: the PTE is a swap entry. mincore then says whether
-     * the page is still in the swap cache (MADV_PAGEOUT starts the write
-     * and unmaps; without memory pressure the written folio stays cached). */
-    size_t swapped = 0, cached = 0;
-    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-    unsigned char *vec = malloc(npages);
-    uint64_t *pm = malloc(npages * sizeof *pm);
-    if (fd >= 0 && vec && pm && mincore(base, len, vec) == 0 &&
-        pread(fd, pm, npages * sizeof *pm, (off_t)((uintptr_t)base / PAGE * 8)) ==
-            (ssize_t)(npages * sizeof *pm)) {
-        for (size_t i = 0; i < npages; i++)
-            if (pm[i] >> 62 & 1) {
-                swapped++;
-                cached += vec[i] & 1;
-            }
-    }
-    if (fd >= 0) close(fd);
-    free(vec);
-    free(pm);
+    size_t swapped, cached, present;
+    swap_state(&swapped, &cached, &present);
     reply("ok %.9f %ld %.9f %zu %zu", secs, tlb, cpu, swapped, cached);
+}
+
+static void cmd_swapstat(void) {
+    size_t swapped, cached, present;
+    swap_state(&swapped, &cached, &present);
+    reply("ok %zu %zu %zu", swapped, cached, present);
 }
 
 /* ---- the C reference handler ---- */
@@ -169,21 +193,43 @@ static void cmd_refreclaim(const char *path) {
     }
     double s0 = bench_now();
     size_t len = npages * PAGE;
-    /* The swap file: page i at offset i * 4096, as a plain page cache
-     * file, like the server's (which does not fsync either). */
-    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    /* The swap file: page i at offset i * 4096, blocks allocated once
+     * (fallocate, as for a kernel swap file: the first round does not pay
+     * for block allocation, later ones overwrite in place), written with
+     * O_DIRECT straight from the page-aligned buffer, so that no copy is
+     * left in the page cache and the handler's reads go to the device.
+     * Where the filesystem refuses O_DIRECT (tmpfs), write through the page
+     * cache, sync, and drop the cached pages instead. */
+    int direct = 1;
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_DIRECT, 0600);
+    if (fd < 0 && errno == EINVAL) {
+        direct = 0;
+        fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    }
     if (fd < 0) {
         reply("err refreclaim: open %s: %s", path, strerror(errno));
         return;
     }
+    int e = posix_fallocate(fd, 0, (off_t)len);
+    if (e && e != EOPNOTSUPP) {
+        reply("err refreclaim: fallocate: %s", strerror(e));
+        close(fd);
+        return;
+    }
     for (size_t off = 0; off < len;) {
-        ssize_t w = pwrite(fd, base + off, len - off, (off_t)off);
+        ssize_t w = pwrite(fd, base + off, len - off < (8u << 20) ? len - off : (8u << 20),
+                           (off_t)off);
         if (w <= 0) {
-            reply("err refreclaim: write: %s", strerror(errno));
+            reply("err refreclaim: write: %s", w < 0 ? strerror(errno) : "short");
             close(fd);
             return;
         }
         off += (size_t)w;
+    }
+    if (fdatasync(fd) < 0 || (!direct && posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED))) {
+        reply("err refreclaim: sync: %s", strerror(errno));
+        close(fd);
+        return;
     }
     close(fd);
     /* Not O_CLOEXEC: the handler inherits it. A uffd acts on the mm of the
@@ -212,16 +258,38 @@ static void cmd_refreclaim(const char *path) {
     snprintf(basearg, sizeof basearg, "%#lx", (unsigned long)base);
     snprintf(lenarg, sizeof lenarg, "%zu", len);
     char *argv[] = {handler_path, "--uffd", fdarg, "--swap", (char *)path, "--base", basearg,
-                    "--len", lenarg, NULL};
+                    "--len", lenarg, "--direct", direct ? "1" : "0", NULL};
     /* posix_spawn (vfork underneath): no copy of our page tables. */
-    int e = posix_spawn(&handler_pid, handler_path, NULL, NULL, argv, environ);
+    e = posix_spawn(&handler_pid, handler_path, NULL, NULL, argv, environ);
     if (e) {
         handler_pid = -1;
         reply("err refreclaim: spawn %s: %s", handler_path, strerror(e));
         ref_stop();
         return;
     }
-    reply("ok %.9f", bench_now() - s0);
+    reply("ok %.9f %d %s", bench_now() - s0, (int)handler_pid, direct ? "direct" : "buffered");
+}
+
+/* The handler's CPU time so far (ns): the first field of its schedstat,
+ * exact, unlike the clock ticks of /proc/PID/stat. It is single-threaded
+ * and has done nothing but sleep in poll() and serve our faults. */
+static uint64_t handler_cpu_ns(void) {
+    if (handler_pid <= 0) return 0;
+    char p[64];
+    unsigned long long ns = 0;
+    snprintf(p, sizeof p, "/proc/%d/schedstat", (int)handler_pid);
+    FILE *f = fopen(p, "r");
+    if (f) {
+        if (fscanf(f, "%llu", &ns) != 1) ns = 0;
+        fclose(f);
+    }
+    return ns;
+}
+
+static uint64_t sys_ns(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (uint64_t)ru.ru_stime.tv_sec * 1000000000ull + (uint64_t)ru.ru_stime.tv_usec * 1000ull;
 }
 
 /* ---- fault-in ---- */
@@ -292,11 +360,13 @@ static void cmd_fault(const char *args) {
         size_t hi = lo + per < n ? lo + per : n;
         jobs[k] = (struct fjob){order + lo, hi - lo, lat + lo, flt + lo, 0, pagemap};
     }
+    uint64_t sys0 = sys_ns();
     double s0 = bench_now();
     for (int k = 1; k < t; k++) pthread_create(&tids[k], NULL, fworker, &jobs[k]);
     fworker(&jobs[0]);
     for (int k = 1; k < t; k++) pthread_join(tids[k], NULL);
     double wall = bench_now() - s0;
+    uint64_t sys = sys_ns() - sys0, hcpu = handler_cpu_ns();
     if (pagemap >= 0) close(pagemap);
     ref_stop();
     size_t bad = 0, nf = 0;
@@ -305,15 +375,15 @@ static void cmd_fault(const char *args) {
         if (flt[k]) fl[nf++] = lat[k];
     qsort(fl, nf, sizeof *fl, bench_cmp_u32);
     qsort(lat, n, sizeof *lat, bench_cmp_u32);
-    reply("ok %.9f %zu %zu %u %u %u %u %zu", wall, n, nf, bench_quantile(fl, nf, 0.5),
+    reply("ok %.9f %zu %zu %u %u %u %u %zu %llu %llu", wall, n, nf, bench_quantile(fl, nf, 0.5),
           bench_quantile(fl, nf, 0.99), bench_quantile(lat, n, 0.5),
-          bench_quantile(lat, n, 0.99), bad);
+          bench_quantile(lat, n, 0.99), bad, (unsigned long long)sys, (unsigned long long)hcpu);
     free(order), free(lat), free(flt), free(fl);
 }
 
 static void usage(void) {
     fprintf(stderr, "usage: faulter --mib N [--stride S] [--seed X] [--busy B]\n"
-                    "commands: fill G | pageout | refreclaim PATH | fault seq|random T |"
+                    "commands: fill G | pageout | swapstat | refreclaim PATH | fault seq|random T |"
                     " rss | exit\n");
 }
 
@@ -379,6 +449,8 @@ int main(int argc, char **argv) {
             reply("ok");
         } else if (!strcmp(cmd, "pageout")) {
             cmd_pageout();
+        } else if (!strcmp(cmd, "swapstat")) {
+            cmd_swapstat();
         } else if (!strcmp(cmd, "refreclaim")) {
             cmd_refreclaim(args);
         } else if (!strcmp(cmd, "fault")) {

@@ -2,7 +2,7 @@
  * refhandler: the smallest fault handler that runs outside the faulting
  * thread, as a yardstick for the server's fault path.
  *
- *   refhandler --uffd FD --swap PATH --base ADDR --len BYTES
+ *   refhandler --uffd FD --swap PATH --base ADDR --len BYTES [--direct 0|1]
  *
  * Started by faulter (refreclaim), which created the uffd, registered
  * [ADDR, ADDR+BYTES) MISSING, wrote page i of it at offset i*4096 of PATH
@@ -10,9 +10,18 @@
  * memory, not ours. The loop is what every out-of-thread handler must do
  * at least: sleep in poll(), read the fault, pread the page from the swap
  * file, UFFDIO_COPY it in (which also wakes the faulting thread). One page
- * per fault, no readahead, no batching of the ioctls: a floor, not a
- * competitor. Reads of the uffd take whatever faults are queued (up to
- * 64), as any handler would.
+ * per fault, no readahead, no batching of the ioctls. Reads of the uffd
+ * take whatever faults are queued (up to 64), as any handler would.
+ *
+ * The swap file is read with O_DIRECT (--direct 1, the default): a 4 KiB
+ * read from a 4 KiB-aligned buffer at a 4 KiB-aligned offset goes to the
+ * device every time, as the server's swap reads do. Through the page cache
+ * the file would be served from memory (faulter just wrote it) and, for a
+ * sequential walk, the kernel's file readahead would fetch 128 KiB per
+ * device read on the handler's behalf: neither is what a swap device
+ * gives. --direct 0 (a filesystem that refuses O_DIRECT) reads through the
+ * page cache with POSIX_FADV_RANDOM, which turns that readahead off;
+ * faulter has dropped the file's cached pages before.
  *
  * Exits on SIGTERM (the default action), or when the uffd reports an
  * error or hangup (faulter exited).
@@ -27,7 +36,8 @@
 #include <sys/ioctl.h>
 
 static void usage(void) {
-    fprintf(stderr, "usage: refhandler --uffd FD --swap PATH --base ADDR --len BYTES\n");
+    fprintf(stderr,
+            "usage: refhandler --uffd FD --swap PATH --base ADDR --len BYTES [--direct 0|1]\n");
     exit(2);
 }
 
@@ -35,6 +45,7 @@ int main(int argc, char **argv) {
     int uffd = -1;
     const char *swap = NULL;
     unsigned long base = 0, len = 0;
+    int direct = 1;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--uffd"))
             uffd = atoi(argv[i + 1]);
@@ -44,15 +55,20 @@ int main(int argc, char **argv) {
             base = strtoul(argv[i + 1], NULL, 0);
         else if (!strcmp(argv[i], "--len"))
             len = strtoul(argv[i + 1], NULL, 0);
+        else if (!strcmp(argv[i], "--direct"))
+            direct = atoi(argv[i + 1]);
         else
             usage();
     }
     if (uffd < 0 || !swap || !base || !len) usage();
-    int fd = open(swap, O_RDONLY | O_CLOEXEC);
+    int fd = open(swap, O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0));
     if (fd < 0) {
-        perror("refhandler: open swap");
+        perror(direct ? "refhandler: open swap O_DIRECT" : "refhandler: open swap");
         return 1;
     }
+    if (!direct) posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
+    /* O_DIRECT wants the buffer, the offset and the length aligned to the
+     * device's logical block (512 B or 4 KiB): a page is all three. */
     static char page[PAGE] __attribute__((aligned(4096)));
     struct uffd_msg msgs[64];
     for (;;) {
