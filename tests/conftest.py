@@ -5,13 +5,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from uffdsrv.core.budgets import parse_size
 from uffdsrv.harness import ServerError, ServerProcess
+
+from .support import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = ROOT / "uffdsrv" / "_bin" / "workload"
@@ -156,10 +157,6 @@ def workload(server):
 
 
 def wait_client(server: Server, pid: int, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for c in server.status()["clients"]:
-            if c["pid"] == pid:
-                return c
-        time.sleep(0.05)
-    raise AssertionError(f"pid {pid} never connected: {server.log_text()}")
+    return wait_until(lambda: next((c for c in server.status()["clients"] if c["pid"] == pid),
+                                   None),
+                      timeout, lambda: f"pid {pid} never connected: {server.log_text()}")

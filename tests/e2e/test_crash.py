@@ -9,6 +9,7 @@ import threading
 import time
 
 from ..conftest import PY, ROOT, Server, Workload, wait_client
+from ..support import wait_until
 
 MIB = 1 << 20
 
@@ -112,11 +113,7 @@ def test_a_killed_client_frees_its_slots_and_others_do_not_notice(server, worklo
     a.proc.kill()  # mid-reclaim, or just after
     a.proc.wait()
     t.join(30)
-    deadline = time.monotonic() + 10
-    while True:
-        used = server.status()["swap"]["used_bytes"]
-        if used == server.client(b.pid)["swapped_bytes"]:
-            break
-        assert time.monotonic() < deadline, (used, server.status())
-        time.sleep(0.05)
+    wait_until(lambda: server.status()["swap"]["used_bytes"]
+               == server.client(b.pid)["swapped_bytes"],
+               message=lambda: f"the killed program's slots are still used: {server.status()}")
     assert b.verify() == (b.npages, 0)

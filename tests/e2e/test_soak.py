@@ -10,6 +10,7 @@ import signal
 import time
 
 from ..conftest import Server, Workload, wait_client
+from ..support import wait_until
 
 MIB = 1 << 20
 PROGRAMS = 8
@@ -82,10 +83,8 @@ def test_soak(need_kernel, tmp_path, request):
             stats["verified"] += w.npages
             w.close()
         programs = []
-        deadline = time.monotonic() + 10
-        while s.status()["swap"]["used_bytes"] or s.status()["clients"]:
-            assert time.monotonic() < deadline, s.status()
-            time.sleep(0.1)
+        wait_until(lambda: not (s.status()["swap"]["used_bytes"] or s.status()["clients"]),
+                   message=lambda: f"clients or slots left: {s.status()}")
     finally:
         for w in programs:
             w.close()
