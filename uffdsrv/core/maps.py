@@ -38,8 +38,10 @@ def parse(text: str) -> list[Mapping]:
 
 
 def eligible(maps: list[Mapping], min_bytes: int, exclude: list[tuple[int, int]] = (),
-             skip_thread_stacks: bool = True) -> list[tuple[int, int]]:
-    """(start, end) of every mapping to manage."""
+             skip_thread_stacks: bool = True,
+             max_bytes: int | None = None) -> list[tuple[int, int]]:
+    """(start, end) of every mapping to manage. A mapping over max_bytes is
+    left alone (see too_large)."""
     out = []
     prev = None
     for m in maps:
@@ -50,9 +52,21 @@ def eligible(maps: list[Mapping], min_bytes: int, exclude: list[tuple[int, int]]
             continue
         if m.name not in ("", "[heap]") or m.size < min_bytes:
             continue
+        if max_bytes is not None and m.size > max_bytes:
+            continue
         if guarded_stack and skip_thread_stacks:
             continue
         if any(s < m.end and m.start < e for s, e in exclude):
             continue
         out.append((m.start, m.end))
     return out
+
+
+def too_large(maps: list[Mapping], min_bytes: int, max_bytes: int,
+              exclude: list[tuple[int, int]] = ()) -> list[tuple[int, int]]:
+    """The mappings eligible but for their size: reserved address space far
+    larger than memory (a sanitizer's shadow is ~15 TiB, NORESERVE), whose
+    page map alone would cost gigabytes."""
+    every = eligible(maps, min_bytes, exclude)
+    kept = set(eligible(maps, min_bytes, exclude, max_bytes=max_bytes))
+    return [m for m in every if m not in kept]

@@ -50,13 +50,15 @@ class Server:
                  metrics_addr: tuple[str, int] | None = None, min_region: int = 256 << 10,
                  zap_mode: str = "process_madvise", socket_mode: int = 0o600,
                  state_dir: str | None = None, policy: str = "coldest",
-                 budgets: Budgets | None = None, allow_uids=(), allow_gids=()):
+                 budgets: Budgets | None = None, allow_uids=(), allow_gids=(),
+                 max_region: int | None = None):
         self.socket_path = socket_path
         self.socket_mode = socket_mode
         self.allow_uids, self.allow_gids = tuple(allow_uids), tuple(allow_gids)
         self.policy = policy
         self.budgets = budgets or Budgets()
         self.min_region = min_region
+        self.max_region = max_region or default_max_region()
         self.zap_flags = protocol.ZAP_MADVISE if zap_mode == "madvise" else 0
         self.metrics_addr = metrics_addr
         self.swap = SwapFile(swap_path, swap_size)
@@ -84,7 +86,7 @@ class Server:
                                FAULT_BUFFERS)
         self.faults = FaultPath(self)
         self.regions = Regions(self.clients, self.journal, self.swap, self.min_region,
-                               self.restore)
+                               self.restore, self.max_region)
         self.reclaimer = ReclaimPath(
             loop, self.ring, self.swap, self.journal, self.metrics,
             Pool(self.ring.arena_addr, 0, BATCH_PAGES, RECLAIM_BUFFERS), self.executor,
@@ -326,3 +328,10 @@ def raise_nofile() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError) as e:
             log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, e)
+
+
+def default_max_region() -> int:
+    """Twice the machine's memory: a mapping larger than that can never be
+    mostly memory; it is reserved address space (sanitizer shadows,
+    allocator arenas) whose per-page state alone would cost gigabytes."""
+    return 2 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

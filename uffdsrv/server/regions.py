@@ -24,13 +24,14 @@ REGISTER_MODE = uffd.REGISTER_MODE_MISSING | uffd.REGISTER_MODE_WP
 
 class Regions:
     def __init__(self, clients: Registry, journal_file: JournalFile, swap, min_region: int,
-                 restore):
+                 restore, max_region: int):
         """restore(client, start, end): put the range's reclaimed pages back
         (the fault path's swap-in), awaited before a range is let go."""
         self.clients = clients
         self.journal = journal_file
         self.swap = swap
         self.min_region = min_region
+        self.max_region = max_region
         self.restore = restore
 
     async def rescan(self, client: ManagedProcess) -> None:
@@ -39,21 +40,33 @@ class Regions:
         if not client.auto_maps or client.pid is None or client.closed:
             return
         try:
-            found = maps.eligible(maps.parse(proc.read_maps(client.pid)), self.min_region,
-                                  exclude=[client.private])
+            parsed = maps.parse(proc.read_maps(client.pid))
         except OSError:
             return
+        found = maps.eligible(parsed, self.min_region, [client.private], max_bytes=self.max_region)
+        for start, end in maps.too_large(parsed, self.min_region, self.max_region,
+                                         [client.private]):
+            if (start, end) not in client.skipped:
+                client.skipped.add((start, end))
+                log.warning("pid %s: not managing %#x-%#x: %d GiB is more than --max-region "
+                            "(%d GiB); reserved address space, not memory", client.pid, start,
+                            end, (end - start) >> 30, self.max_region >> 30)
         for start, end in found:
             for s, e in client.pages.gaps(start, end):
                 self.manage(client, s, e)
 
     async def rescan_forever(self, interval: float = 1.0) -> None:
-        """Programs map new memory as they run: manage it as it appears."""
+        """Programs map new memory as they run: manage it as it appears.
+        One client's failure is logged and costs that client's rescan only;
+        the task itself never ends."""
         while True:
             await asyncio.sleep(interval)
             for c in self.clients.all():
                 if c.auto_maps and not c.reclaim_lock.locked():
-                    await self.rescan(c)
+                    try:
+                        await self.rescan(c)
+                    except Exception:
+                        log.exception("pid %s: rescan of its mappings failed", c.pid)
 
     def manage(self, client: ManagedProcess, start: int, end: int) -> None:
         try:
@@ -77,6 +90,9 @@ class Regions:
             return
         if start < client.private[1] and client.private[0] < end:
             raise ValueError("range overlaps the agent's own mapping")
+        if end - start > self.max_region:
+            raise ValueError(f"{(end - start) >> 20} MiB is more than the server's "
+                             f"--max-region ({self.max_region >> 20} MiB)")
         # what the program names explicitly may be anywhere in its private
         # anonymous memory, even right above a guard page
         anon = maps.eligible(maps.parse(proc.read_maps(pid)), 0, skip_thread_stacks=False)
