@@ -20,7 +20,7 @@ import swapdev  # noqa: E402
 import uffd  # noqa: E402
 
 MODULES = (uffd, proc, ring, swapdev)
-SOURCES = ["uffd.c", "proc.c", "ring.c"]
+SOURCES = ["uffd.c", "proc.c", "ring.c", "engine.c"]
 
 def prototypes(header: str) -> str:
     """native.h as cdef reads it: without the preprocessor lines."""

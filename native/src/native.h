@@ -57,4 +57,66 @@ int ufs_ring_submit(struct ufs_ring *r);
 void ufs_ring_stats(struct ufs_ring *r, uint64_t *submits, uint64_t *entries);
 int ufs_ring_pending(struct ufs_ring *r);
 int ufs_ring_harvest(struct ufs_ring *r, uint64_t *user_data, int32_t *res, int max);
+int ufs_ring_probe_ops(uint8_t *ops, int n);
+
+/* the native fault engine (engine.c): one call per read of uffd messages */
+struct ufs_region { /* one managed region; the arrays are numpy's */
+    uint64_t start, npages;
+    uint8_t *state;
+    int64_t *slot;
+    int32_t *batch;
+    uint8_t *heat;
+    uint32_t *stamp;
+};
+struct ufs_eout { /* something Python must do */
+    uint64_t addr, flags; /* HAND/RETRY: the fault; FAILED: npages; READ: offset, length */
+    uint32_t tid, client;
+    int32_t kind, err;
+};
+struct ufs_esample { /* n faults of one kind served `ns` after their read */
+    uint32_t kind, n;
+    uint64_t ns;
+};
+struct ufs_eview {
+    struct ufs_eout *out;
+    int nout;
+    char *journal; /* FREE records, core/journal.py's format */
+    int njournal;
+    struct ufs_esample *samples;
+    int nsamples;
+};
+enum {
+    UFS_ENGINE_OUT = 1, UFS_ENGINE_JOURNAL = 2, UFS_ENGINE_DIRTY = 4, UFS_ENGINE_EVENTS = 8,
+    UFS_ENGINE_NSAMPLES = 2048,
+    UFS_OUT_HAND = 0, UFS_OUT_RETRY = 1, UFS_OUT_FAILED = 2, UFS_OUT_ERROR = 3, UFS_OUT_READ = 4,
+    UFS_OP_COPY = 0, UFS_OP_ZEROPAGE = 1, UFS_OP_UNPROTECT = 2,
+    UFS_KIND_ZERO = 0, UFS_KIND_UNPROTECT = 1, UFS_KIND_SWAP = 2,
+    /* per-client counters (a uint64_t array of Python's) */
+    UFS_C_FAULTS = 0, UFS_C_ZERO, UFS_C_UNPROTECT, UFS_C_SWAP, UFS_C_LOADING, UFS_C_UNKNOWN,
+    UFS_C_SWAPPED_IN, UFS_C_READ_BYTES, UFS_C_REFAULTS, UFS_C_READAHEAD, UFS_C_RA_MISSES,
+    UFS_C_RESTORED, UFS_C_BUSY, UFS_C_ERR_EAGAIN, UFS_C_ERR_COPY, UFS_C_ERR_ZEROPAGE,
+    UFS_C_ERR_SWAP_READ, UFS_C_ERR_UNPROTECT, UFS_C_N,
+    /* engine-wide: what must never happen */
+    UFS_ESTAT_BAD_RELEASE = 0, UFS_ESTAT_STRAY, UFS_ESTAT_LOST, UFS_ESTAT_SAMPLES_LOST,
+    UFS_ENGINE_NSTATS
+};
+struct ufs_engine;
+struct ufs_eclient;
+struct ufs_engine *ufs_engine_new(struct ufs_ring *ring, void *arena, size_t bytes, int *err);
+void ufs_engine_free(struct ufs_engine *e);
+void ufs_engine_set_swap(struct ufs_engine *e, int fd, int rw_flags, int report_reads,
+                         uint16_t *refs, int64_t *counters, uint64_t nslots);
+void ufs_engine_set_poll(struct ufs_engine *e, unsigned poll_us);
+int ufs_engine_busy(struct ufs_engine *e);
+void ufs_engine_stats(struct ufs_engine *e, uint64_t *out);
+struct ufs_eclient *ufs_engine_client(struct ufs_engine *e, uint32_t id, int uffd, uint32_t cid,
+                                      uint64_t beacon, uint64_t *counters);
+void ufs_engine_publish(struct ufs_eclient *c, const struct ufs_region *regions, int n,
+                        uint32_t cid, uint64_t beacon);
+void ufs_engine_close(struct ufs_eclient *c);
+int ufs_engine_serve(struct ufs_eclient *c, const void *msgs, int nbytes, uint64_t t_ns,
+                     int skip_events);
+int ufs_engine_restore(struct ufs_eclient *c, uint64_t start, uint64_t end, int max_loads);
+int ufs_engine_view(struct ufs_engine *e, struct ufs_eview *v);
+void ufs_engine_consumed(struct ufs_engine *e, int what);
 #endif

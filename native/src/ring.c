@@ -22,6 +22,11 @@ struct ufs_ring {
     struct iovec *vecs;
     unsigned vecs_used, vecs_cap;
     uint64_t submits, entries; /* io_uring_enter calls that submitted, SQEs */
+    /* completions whose user_data has route_tag set go to route() (the
+     * fault engine) instead of back to Python */
+    uint64_t route_tag;
+    void (*route)(void *ctx, uint64_t user_data, int32_t res);
+    void *route_ctx;
 };
 
 static int submit(struct ufs_ring *r);
@@ -221,6 +226,35 @@ int ufs_ring_writev(struct ufs_ring *r, int fd, const uint64_t *bufs, const uint
     return 0;
 }
 
+/* Routing for the fault engine (engine.c declares these itself; cffi
+ * never sees them). */
+void ufs_ring_route(struct ufs_ring *r, uint64_t tag, void (*fn)(void *, uint64_t, int32_t),
+                    void *ctx) {
+    r->route_tag = tag;
+    r->route = fn;
+    r->route_ctx = ctx;
+}
+
+struct io_uring_sqe *ufs_ring_sqe(struct ufs_ring *r) { return get_sqe(r); }
+
+int ufs_ring_ready(struct ufs_ring *r) { return io_uring_cq_ready(&r->ring); }
+
+/* Hand the routed completions at the head of the CQ to the engine; stop
+ * at the first that is Python's (the CQ is a FIFO: it waits for the next
+ * harvest, and so does everything behind it). */
+int ufs_ring_dispatch(struct ufs_ring *r) {
+    struct io_uring_cqe *cqe;
+    int n = 0;
+    while (r->route && !io_uring_peek_cqe(&r->ring, &cqe) && (cqe->user_data & r->route_tag)) {
+        uint64_t ud = cqe->user_data;
+        int32_t res = cqe->res;
+        io_uring_cqe_seen(&r->ring, cqe);
+        r->route(r->route_ctx, ud, res);
+        n++;
+    }
+    return n;
+}
+
 int ufs_ring_harvest(struct ufs_ring *r, uint64_t *user_data, int32_t *res, int max) {
     struct io_uring_cqe *cqes[256];
     int got = 0;
@@ -228,12 +262,46 @@ int ufs_ring_harvest(struct ufs_ring *r, uint64_t *user_data, int32_t *res, int 
         unsigned want = max - got < 256 ? max - got : 256;
         unsigned k = io_uring_peek_batch_cqe(&r->ring, cqes, want);
         if (!k) break;
+        /* copied out before the advance: a routed completion may queue
+         * new reads, and the CQ slots are the kernel's again once seen */
+        uint64_t uds[256];
+        int32_t rs[256];
         for (unsigned i = 0; i < k; i++) {
-            user_data[got + i] = cqes[i]->user_data;
-            res[got + i] = cqes[i]->res;
+            uds[i] = cqes[i]->user_data;
+            rs[i] = cqes[i]->res;
         }
         io_uring_cq_advance(&r->ring, k);
-        got += k;
+        for (unsigned i = 0; i < k; i++) {
+            if (r->route && (uds[i] & r->route_tag)) {
+                r->route(r->route_ctx, uds[i], rs[i]);
+            } else {
+                user_data[got] = uds[i];
+                res[got] = rs[i];
+                got++;
+            }
+        }
     }
     return got;
+}
+
+/* Which io_uring opcodes the running kernel knows: io_uring_get_probe_ring
+ * (IORING_REGISTER_PROBE) on a throwaway two-entry ring, so the answer is
+ * the kernel's, not liburing's. ops[op] = 1 for each supported opcode
+ * below n. Returns how many opcodes the kernel knows (last_op + 1), or
+ * -errno: ENOSYS without io_uring, EPERM where it is disabled
+ * (kernel.io_uring_disabled), ENOMEM when the probe itself fails. */
+int ufs_ring_probe_ops(uint8_t *ops, int n) {
+    struct io_uring ring;
+    int err = io_uring_queue_init(2, &ring, 0);
+    if (err < 0) return err;
+    struct io_uring_probe *p = io_uring_get_probe_ring(&ring);
+    if (!p) {
+        io_uring_queue_exit(&ring);
+        return -ENOMEM;
+    }
+    for (int op = 0; op < n; op++) ops[op] = (uint8_t)io_uring_opcode_supported(p, op);
+    int known = p->last_op + 1;
+    io_uring_free_probe(p);
+    io_uring_queue_exit(&ring);
+    return known;
 }

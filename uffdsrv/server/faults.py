@@ -1,17 +1,28 @@
 """Where a fault is served.
 
 The ring keeps one read outstanding on every client's uffd; each
-completion is a batch of uffd_msgs. Events (REMOVE, UNMAP, REMAP, FORK) are
-applied to the page map first, then the faults of the batch are sorted
-into zero-page fills, swap-ins, write-protect releases, and faults held
-until a reclaim batch settles. The ioctls of a batch run in one C call.
+completion is a batch of uffd_msgs, handed whole to the native fault
+engine (system/engine.py): zero pages, write-protect releases and swap-ins
+with readahead are served in C, and the swap reads complete in C too.
+A batch that holds events (REMOVE, UNMAP, REMAP, FORK) comes back
+untouched: the events are applied to the page map here first, in order,
+then its faults are served. What the engine hands back is served here:
+faults a reclaim batch holds, the beacon, pages in flight, and every
+address an ioctl refused with EAGAIN.
 
-EAGAIN from UFFDIO_COPY/ZEROPAGE means an event is still unread: the fault
-goes on the client's retry list and is tried again on the next turn of the
-loop, after the ring has delivered the event. Never sleep on it.
+EAGAIN from UFFDIO_COPY/ZEROPAGE/WRITEPROTECT means an event is still
+unread: the fault goes on the client's retry list and is tried again on
+the next turn of the loop, after the ring has delivered the event. Never
+sleep on it.
+
+Metrics and the journal's flush are settled once per loop turn (the FREE
+records themselves join the journal's queue at once, in order).
 """
+import asyncio
 import errno
+import inspect
 import logging
+import os
 import time
 
 import numpy as np
@@ -20,37 +31,85 @@ from .._native import ffi
 from ..core import journal
 from ..core.batch import cancel_page
 from ..core.pages import EMPTY, INFLIGHT, LOADING, PAGE, RESIDENT, SWAPPED
+from ..core.policy import now_ms
+from ..core.swapin import MAX_READAHEAD, loading_in, written, zeroed
+from ..system import engine as eng
 from ..system import uffd
 from .managed import ManagedProcess
 
 log = logging.getLogger("uffdsrv.faults")
 READ_MSGS = 64
-MAX_READAHEAD = 32
-PAGE_MASK = ~(PAGE - 1)
+READ_BYTES = READ_MSGS * uffd.MSG_SIZE
+# Spin on the ring for up to this many µs after queueing a swap read
+# (UFFDSRV_POLL_US). Measured on this 2-CPU machine: see the report in
+# bench/RESULTS.md; off unless it wins.
+POLL_US = int(os.environ.get("UFFDSRV_POLL_US", "0") or 0)
+__all__ = ["FaultPath", "MAX_READAHEAD", "now_ms"]
+
+# engine counters that are metrics of the same name
+_FAULT_KINDS = ("zero", "write_protect", "swap", "loading", "unknown")
+_ERROR_KINDS = ("eagain", "copy", "zeropage", "swap_read", "unprotect")
 
 
 class FaultPath:
-    def __init__(self, server):
-        self.server = server
-        self.ring = server.ring
-        self.swap = server.swap
-        self.metrics = server.metrics
-        self.t_read = time.monotonic()  # when the batch being handled was read
+    def __init__(self, loop, ring=None, swap=None, journal_file=None, metrics=None,
+                 buffers: tuple[int, int] | None = None, on_fork=None, on_beacon=None):
+        if ring is None:
+            # FaultPath(server), until daemon.py passes its collaborators
+            server = loop
+            pool = server.fault_pool
+            base = min(pool._free)
+            buffers = (base, len(pool._free) * pool.pages_each * PAGE)
+            loop, ring, swap = server.loop, server.ring, server.swap
+            journal_file, metrics = server.journal, server.metrics
+            on_fork, on_beacon = server.forked, server.beacon
+        self.loop, self.ring, self.swap = loop, ring, swap
+        self.journal, self.metrics = journal_file, metrics
+        self.on_fork, self.on_beacon = on_fork, on_beacon
+        self.engine = eng.Engine(ring, *buffers)
+        self.engine.set_poll(POLL_US)
+        self.nloads = buffers[1] // (MAX_READAHEAD * PAGE)
+        self._slots = None
+        self._clients: dict[int, ManagedProcess] = {}  # engine handle id -> client
+        self._tick_scheduled = False
+        self._pagefaults = 0  # read, not yet counted in the metrics
+        try:
+            self._fault_n = "n" in inspect.signature(metrics.fault).parameters
+        except (TypeError, ValueError):
+            self._fault_n = False
+        ring.before_harvest = self._refresh_all
+        ring.after_harvest = self._after
 
     # --- reading the uffd ----------------------------------------------------
     def start(self, client: ManagedProcess) -> None:
+        if getattr(client, "engine", None) is None:
+            client.engine = h = self.engine.client(client.uffd)
+            self._clients[h.id] = client
+            client.read_half = 0
+            if not hasattr(client, "readahead_misses"):
+                client.readahead_misses = 0
         if client.read_buf is None:
-            client.read_buf = ffi.new("char[]", READ_MSGS * uffd.MSG_SIZE)
-        addr = int(ffi.cast("uintptr_t", client.read_buf))
-        client.read_ud = self.ring.read(client.uffd, addr, READ_MSGS * uffd.MSG_SIZE, 0,
-                                        lambda res, c=client: self._on_read(c, res))
+            # two halves: the next read is queued into one while the
+            # engine serves the other
+            client.read_buf = ffi.new("char[]", 2 * READ_BYTES)
+        client.read_half ^= 1
+        buf = client.read_buf + client.read_half * READ_BYTES
+        addr = int(ffi.cast("uintptr_t", buf))
+        client.read_ud = self.ring.read(client.uffd, addr, READ_BYTES, 0,
+                                        lambda res, c=client, b=buf: self._on_read(c, b, res))
 
     def stop(self, client: ManagedProcess) -> None:
         if client.read_ud is not None:
             self.ring.cancel(client.read_ud)
             client.read_ud = None
+        h = getattr(client, "engine", None)
+        if h is not None:
+            self._settle_counters(client, h)
+            self.engine.forget(h)
+            self._clients.pop(h.id, None)
+            client.engine = None
 
-    def _on_read(self, client: ManagedProcess, res: int) -> None:
+    def _on_read(self, client: ManagedProcess, buf, res: int) -> None:
         client.read_ud = None
         if client.closed or res == -errno.ECANCELED:
             return
@@ -63,24 +122,36 @@ class FaultPath:
             log.error("read of uffd of pid %s failed: %s; trying again", client.pid,
                       errno.errorcode.get(-res))
             self.metrics.error("uffd_read")
-            self.server.loop.call_later(0.05, self.start, client)
+            self.loop.call_later(0.05, self.start, client)
             return
-        msgs = uffd.parse(ffi.buffer(client.read_buf, res), res).copy()
-        # The next read goes out after this batch is handled, so a harvest
-        # run from inside the handling can never deliver this client's
-        # later events before the earlier ones are done.
-        try:
-            self.handle(client, msgs)
-        finally:
-            if not client.closed:
-                self.start(client)
+        t = time.monotonic_ns()
+        h = getattr(client, "engine", None)
+        if h is None:
+            return
+        self._fresh(client, h)
+        # The next read goes into the other half and out with the engine's
+        # submit; its completion is harvested only after this call returns,
+        # so this batch's events and faults are done before the next's.
+        self.start(client)
+        p = h.serve(buf, res, t)
+        if p & eng.EVENTS:
+            msgs = uffd.parse(ffi.buffer(buf, res), res).copy()
+            self._events(client, msgs)
+            if client.closed or client.engine is None:
+                return
+            self._fresh(client, h)
+            p = h.serve(buf, res, t, skip_events=True)
+            n = int(np.count_nonzero(msgs["event"] == uffd.EVENT_PAGEFAULT))
+        else:
+            n = res // uffd.MSG_SIZE
+            self._pagefaults += n
+        client.faults_total += n
+        self._settle(p)
 
-    # --- events and faults -----------------------------------------------------
-    def handle(self, client: ManagedProcess, msgs: np.ndarray) -> None:
+    def _events(self, client: ManagedProcess, msgs: np.ndarray) -> None:
         ev = msgs["event"]
         self.metrics.events(ev)
-        self.t_read = time.monotonic()
-        pages, slots, jr = client.pages, self.swap.slots, self.server.journal
+        pages, slots, jr = client.pages, self.swap.slots, self.journal
         for m in msgs[ev != uffd.EVENT_PAGEFAULT]:
             e, a0, a1, a2 = int(m["event"]), int(m["a0"]), int(m["a1"]), int(m["a2"])
             if e == uffd.EVENT_REMOVE:
@@ -93,110 +164,192 @@ class FaultPath:
                 pages.remap(a0, a1, a2, slots)
                 jr.add(journal.REMAP, client.cid, a0, a1, a2)
             elif e == uffd.EVENT_FORK:
-                self.server.forked(client, a0 & 0xFFFFFFFF)
+                self.on_fork(client, a0 & 0xFFFFFFFF)
         jr.flush()
-        faults = msgs[ev == uffd.EVENT_PAGEFAULT]
-        if len(faults):
-            client.faults_total += len(faults)
-            self.serve(client, faults["a1"].astype(np.int64) & PAGE_MASK,
-                       faults["a0"].astype(np.int64), (faults["a2"] & 0xFFFFFFFF).astype(np.int64))
 
-    def serve(self, client: ManagedProcess, addrs, flags, tids) -> None:
-        pages = client.pages
-        zero, unprotect = [], []
-        swapping = False
-        for addr, fl, tid in zip(addrs.tolist(), flags.tolist(), tids.tolist()):
-            if addr == client.beacon:
-                self.server.beacon(client, tid)
-                zero.append(addr)
-                continue
-            r, i = pages.find(addr)
-            if r is None:
-                # Not ours (or not yet: a REMAP may be unread, and then the
-                # fill fails with EAGAIN and is retried after the event).
-                zero.append(addr)
-                self.metrics.fault("unknown")
-                continue
-            b = int(r.batch[i])
-            if b:
-                batch = client.batches.get(b)
-                if batch is not None and batch.zap_sent:
-                    # Our zap of this page is on its way: whatever the
-                    # program does to it now could be lost. Wait for it.
-                    batch.held.append(addr)
-                    self.metrics.fault("held")
-                    continue
-            st = int(r.state[i])
-            if fl & uffd.PAGEFAULT_FLAG_WP:
-                # a write to a page in flight before its zap was sent: it
-                # stays; to a resident page the write tracker protected:
-                # it is being written, so it is warm
-                if st == INFLIGHT:
-                    cancel_page(r, i)
-                if st == EMPTY:  # MADV_FREE'd, kept by the kernel, written again
-                    r.state[i] = RESIDENT
-                if st in (INFLIGHT, RESIDENT, EMPTY):
-                    warm(r, i)
-                unprotect.append(addr)
-                self.metrics.fault("write_protect")
-            elif st == SWAPPED:
-                self.swap_in(client, r, i, addr, tid)
-                swapping = True
-            elif st == LOADING:
-                self.metrics.fault("loading")  # the COPY on its way wakes this one too
-            else:
-                if st == INFLIGHT:
-                    cancel_page(r, i)
-                zero.append(addr)
-                self.metrics.fault("zero")
-        if unprotect:
-            u = np.array(unprotect, dtype=np.uint64)
-            try:
-                uffd.writeprotect(client.uffd, u, np.full(len(u), PAGE, np.uint64), False)
-                self.metrics.fault_served("write_protect", len(u), time.monotonic() - self.t_read)
-            except OSError as e:
-                if e.errno == errno.EAGAIN:
-                    # an event is unread (the mm is changing): the writers
-                    # wait until the protection is lifted, so lift it later
-                    for addr in unprotect:
-                        self.retry(client, addr, uffd.PAGEFAULT_FLAG_WP)
-                else:
-                    self._gone_or_log(client, e, "unprotect")
-        if zero:
-            self.zero_fill(client, np.array(zero, dtype=np.int64))
-        if swapping:
-            # Reads that hit the page cache complete inside the submit:
-            # finish them now instead of on the next turn of the loop.
-            self.ring.flush()
-            self.ring.harvest()
+    # --- the engine's view of the page map ------------------------------------
+    def _fresh(self, client: ManagedProcess, h) -> None:
+        slots = self.swap.slots
+        if slots is not self._slots:  # replaced after a journal replay
+            self.engine.set_swap(self.swap.fd, slots, getattr(self.swap, "rw_flags", 0),
+                                 getattr(self.swap, "io_mode", "direct") != "direct"
+                                 and hasattr(self.swap, "was_read"))
+            self._slots = slots
+        if h.stale(client.pages, client.cid, client.beacon):
+            h.publish(client.pages, client.cid, client.beacon)
 
-    def zero_fill(self, client: ManagedProcess, addrs: np.ndarray) -> None:
-        addrs = np.unique(addrs)
-        n, res = uffd.zeropage(client.uffd, addrs, np.full(len(addrs), PAGE, np.uint64))
-        self.metrics.fault_served("zero", n, time.monotonic() - self.t_read)
-        pages = client.pages
-        for addr, r_ in zip(addrs[:n].tolist(), res[:n].tolist()):
+    def _refresh_all(self) -> None:
+        # Completions look pages up in the current table: republish what
+        # changed (a munmap, a region added) since the engine last ran.
+        for c in self._clients.values():
+            h = c.engine
+            if h is not None and not c.closed:
+                self._fresh(c, h)
+
+    # --- what the engine hands back ------------------------------------------------
+    def _after(self) -> None:
+        self._settle(self.engine.pending())
+
+    def _settle(self, p: int) -> None:
+        if p & (eng.OUT | eng.JOURNAL):
+            outs, records = self.engine.take()
+            if records:
+                self.journal.extend([records])
+                p |= eng.DIRTY  # flushed on this turn's tick
+            if outs is not None:
+                self._handle(outs)
+        if p & eng.DIRTY and not self._tick_scheduled:
+            self._tick_scheduled = True
+            self.loop.call_soon(self._tick)
+
+    def _handle(self, outs: np.ndarray) -> None:
+        zero: dict[int, list] = {}
+        unprotect: dict[int, list] = {}
+        for o in outs.tolist():
+            addr, flags, tid, hid, kind, err = o
+            client = self._clients.get(hid)
+            if client is None or client.closed:
+                continue
+            if kind == eng.HAND:
+                self._by_python(client, addr, flags, tid, zero.setdefault(hid, []),
+                                unprotect.setdefault(hid, []))
+            elif kind == eng.RETRY:
+                self.retry(client, addr, flags, tid)
+            elif kind == eng.FAILED:
+                log.error("swap read of %d pages for %#x of pid %s: %s; trying again", flags,
+                          addr, client.pid, errno.errorcode.get(-err, err))
+                self.loop.call_later(0.1, self._refault, client, addr, int(flags))
+            elif kind == eng.ERROR:
+                log.warning("%s at %#x of pid %s: %s", eng.OPS.get(flags, "ioctl"), addr,
+                            client.pid, errno.errorcode.get(-err, err))
+            elif kind == eng.READ:
+                self.swap.was_read(addr, int(flags))
+        for hid, addrs in unprotect.items():
+            if addrs:
+                self._unprotect(self._clients[hid], addrs)
+        for hid, addrs in zero.items():
+            if addrs:
+                self._zero_fill(self._clients[hid], addrs)
+
+    def _by_python(self, client: ManagedProcess, addr: int, fl: int, tid: int, zero: list,
+                   unprotect: list) -> None:
+        """A fault the engine leaves to Python: the beacon, a page a reclaim
+        batch holds, a page in flight, or a write to a page not resident."""
+        if addr == client.beacon:
+            self.on_beacon(client, tid)
+            zero.append(addr)
+            return
+        r, i = client.pages.find(addr)
+        if r is None:
+            zero.append(addr)
+            self.metrics.fault("unknown")
+            return
+        st, b = int(r.state[i]), int(r.batch[i])
+        wp = bool(fl & uffd.PAGEFAULT_FLAG_WP)
+        if b:
+            batch = client.batches.get(b)
+            # Our zap of this page is on its way (whatever the program does
+            # to it now could be lost), or it is a swapped page the batch
+            # took in before its zap: wait for the batch to settle.
+            if batch is not None and (batch.zap_sent or (st == SWAPPED and not wp)):
+                batch.held.append(addr)
+                self.metrics.fault("held")
+                return
+        if wp:
+            # a write to a page in flight before its zap was sent: it stays
+            if st == INFLIGHT:
+                cancel_page(r, i)
+            if st in (INFLIGHT, RESIDENT, EMPTY):
+                written(r, i, now_ms())
+            unprotect.append(addr)
+            self.metrics.fault("write_protect")
+        elif st == SWAPPED:
+            # held by a batch that is gone: served once the map says more
+            self.loop.call_later(0.01, self.retry, client, addr, fl, tid)
+        elif st == LOADING:
+            self.metrics.fault("loading")
+        else:
+            if st == INFLIGHT:
+                cancel_page(r, i)
+            zero.append(addr)
+            self.metrics.fault("zero")
+
+    def _unprotect(self, client: ManagedProcess, addrs: list) -> None:
+        u = np.array(addrs, dtype=np.uint64)
+        try:
+            uffd.writeprotect(client.uffd, u, np.full(len(u), PAGE, np.uint64), False)
+        except OSError as e:
+            if e.errno == errno.EAGAIN:
+                for addr in addrs:
+                    self.retry(client, addr, uffd.PAGEFAULT_FLAG_WP)
+            elif e.errno not in (errno.ESRCH, errno.ENOENT):
+                self.metrics.error("unprotect")
+                log.warning("unprotect for pid %s: %s", client.pid, e)
+
+    def _zero_fill(self, client: ManagedProcess, addrs: list) -> None:
+        a = np.unique(np.array(addrs, dtype=np.int64))
+        n, res = uffd.zeropage(client.uffd, a, np.full(len(a), PAGE, np.uint64))
+        for addr, r_ in zip(a[:n].tolist(), res[:n].tolist()):
             if r_ > 0 or r_ == -errno.EEXIST:
-                reg, i = pages.find(addr)
-                if reg is not None and reg.state[i] == EMPTY:
-                    reg.state[i] = RESIDENT
-                    reg.stamp[i] = now_ms()
+                reg, i = client.pages.find(addr)
+                if reg is not None:
+                    zeroed(reg, i, now_ms())
             elif r_ == -errno.EAGAIN:
                 self.retry(client, addr)
             elif r_ not in (-errno.ENOENT, -errno.ESRCH):
                 self.metrics.error("zeropage")
                 log.warning("UFFDIO_ZEROPAGE at %#x of pid %s: %s", addr, client.pid,
                             errno.errorcode.get(-r_))
-        for addr in addrs[n:].tolist():
+        for addr in a[n:].tolist():
             self.retry(client, addr)
 
-    # --- retry after EAGAIN -------------------------------------------------------
-    def retry(self, client: ManagedProcess, addr: int, flags: int = 0) -> None:
-        client.retry.append((addr, flags))
+    # --- once per loop turn -----------------------------------------------------------
+    def _tick(self) -> None:
+        self._tick_scheduled = False
+        self.journal.flush()
+        m = self.metrics
+        if self._pagefaults:
+            m.events(np.full(self._pagefaults, uffd.EVENT_PAGEFAULT, dtype=np.uint8))
+            self._pagefaults = 0
+        for kind, n, secs in self.engine.samples():
+            m.fault_served(kind, n, secs)
+        for c in list(self._clients.values()):
+            self._settle_counters(c, c.engine)
+
+    def _settle_counters(self, client: ManagedProcess, h) -> None:
+        m, d = self.metrics, h.delta()
+        for kind, n in d.items():
+            if kind in _FAULT_KINDS:
+                m.fault(kind, n) if self._fault_n else m.faults_total.labels(kind).inc(n)
+            elif kind in _ERROR_KINDS:
+                m.errors_total.labels(kind).inc(n)
+        if d:
+            m.swapped_in(d.get("swapped_in", 0))
+            m.swap_read(d.get("read_bytes", 0))
+            client.refaults += d.get("refaults", 0)
+            client.readahead_pages += d.get("readahead", 0)
+            client.readahead_misses += d.get("readahead_misses", 0)
+
+    # --- serving addresses (held faults, retries) ---------------------------------------
+    def serve(self, client: ManagedProcess, addrs, flags, tids) -> None:
+        """Serve faults read earlier (held by a batch that settled, or
+        refused with EAGAIN), through the engine like any read."""
+        h = getattr(client, "engine", None)
+        if client.closed or h is None or not len(addrs):
+            return
+        msgs = np.zeros(len(addrs), dtype=uffd.MSG_DTYPE)
+        msgs["event"] = uffd.EVENT_PAGEFAULT
+        msgs["a0"] = np.asarray(flags, dtype=np.int64).astype(np.uint64)
+        msgs["a1"] = np.asarray(addrs, dtype=np.int64).astype(np.uint64)
+        msgs["a2"] = np.asarray(tids, dtype=np.int64).astype(np.uint64)
+        self._fresh(client, h)
+        self._settle(h.serve(ffi.from_buffer(msgs), msgs.nbytes, time.monotonic_ns(), True))
+
+    def retry(self, client: ManagedProcess, addr: int, flags: int = 0, tid: int = 0) -> None:
+        client.retry.append((addr, flags, tid))
         if not client.retry_scheduled:
             client.retry_scheduled = True
-            self.server.loop.call_soon(self._retry, client)
-            self.metrics.error("eagain")
+            self.loop.call_soon(self._retry, client)
 
     def _retry(self, client: ManagedProcess) -> None:
         client.retry_scheduled = False
@@ -206,154 +359,40 @@ class FaultPath:
         todo, client.retry = client.retry, []
         if todo:
             a = np.array(todo, dtype=np.int64)
-            self.serve(client, a[:, 0], a[:, 1], np.zeros(len(a), np.int64))
-
-    # --- swap-in ------------------------------------------------------------------
-    def swap_in(self, client: ManagedProcess, r, i: int, addr: int, tid: int = 0) -> None:
-        """Read the page's slot and put it back with one COPY; when this
-        thread's faults run sequentially, bring the pages reclaimed next to
-        it along (the window doubles on each sequential fault, up to
-        MAX_READAHEAD, and falls back to one page on a jump)."""
-        window = client.readahead.get(tid)
-        if window is not None and window[0] == addr:
-            size = min(window[1] * 2, MAX_READAHEAD)
-        else:
-            size = 1
-        slot0 = int(r.slot[i])
-        k = 1
-        while (k < size and i + k < r.npages and r.state[i + k] == SWAPPED
-               and r.batch[i + k] == 0 and r.slot[i + k] == slot0 + k):
-            k += 1
-        if len(client.readahead) > 4096:
-            client.readahead.clear()  # threads come and go; keep this bounded
-        client.readahead[tid] = (addr + k * PAGE, size)
-        buf = self.server.fault_pool.try_acquire()
-        if buf is None:
-            self.retry(client, addr)  # every buffer busy: try on the next turn
-            return
-        r.state[i:i + k] = LOADING
-        slots = r.slot[i:i + k].copy()
-        self.swap.slots.ref(slots)  # pinned while the read is in flight
-        self.metrics.fault("swap")
-        self.metrics.swap_started(buf, self.t_read)
-        self.ring.read(self.swap.fd, buf, k * PAGE, slot0 * PAGE,
-                       lambda res: self._loaded(client, r.start + i * PAGE, slots, buf, res))
-
-    def _loaded(self, client: ManagedProcess, start: int, slots, buf: int, res: int) -> None:
-        k = len(slots)
-        try:
-            if client.closed:
-                return
-            if res != k * PAGE:
-                self.metrics.error("swap_read")
-                log.error("swap read of %d pages at slot %d: %s", k, slots[0],
-                          errno.errorcode.get(-res, res))
-                self._unload(client, start, slots)
-                self.server.loop.call_later(0.1, self._refault, client, start, k)
-                return
-            self.server.metrics.swap_read(k * PAGE)
-            self._copy(client, start, slots, buf)
-            self.server.journal.flush()  # the FREE of what came back, now
-            self.metrics.swap_done(buf, time.monotonic())
-        finally:
-            self.swap.slots.release(slots)
-            self.server.fault_pool.release(buf)
-
-    def _unload(self, client, start, slots):
-        r, i = client.pages.find(start)
-        if r is not None:
-            k = min(len(slots), r.npages - i)
-            back = (r.state[i:i + k] == LOADING) & (r.slot[i:i + k] == slots[:k])
-            r.state[i:i + k][back] = SWAPPED
-
-    def _copy(self, client: ManagedProcess, start: int, slots, buf: int) -> None:
-        r, i = client.pages.find(start)
-        k = len(slots)
-        if r is None or i + k > r.npages:
-            ok = np.zeros(k, dtype=bool)
-        else:
-            ok = (r.state[i:i + k] == LOADING) & (r.slot[i:i + k] == slots)
-        if not ok.all():
-            # Something happened meanwhile (the program removed a page, it
-            # was unmapped): copy the pages still wanted, serve the rest anew.
-            for j in np.flatnonzero(~ok).tolist():
-                self.retry(client, start + j * PAGE)
-        if k == 1 and ok[0]:
-            n, res = uffd.copy(client.uffd, (start,), (buf,), (PAGE,))
-            got = int(res[0]) if n else -errno.EAGAIN
-            if got == PAGE or got == -errno.EEXIST:
-                self.server.journal.add(journal.FREE, client.cid, start, 1)
-                self.swap.slots.release(int(r.slot[i]))
-                r.slot[i] = -1
-                r.state[i] = RESIDENT
-                warm(r, i)
-                client.refaults += 1
-                self.metrics.swapped_in(1)
-                return
-        pos = np.flatnonzero(ok)
-        if not len(pos):
-            return
-        # one COPY per run of pages still loading
-        breaks = np.flatnonzero(np.diff(pos) != 1) + 1
-        firsts = pos[np.concatenate(([0], breaks))]
-        lens = np.diff(np.concatenate(([0], breaks, [len(pos)])))
-        n, res = uffd.copy(client.uffd, start + firsts * PAGE, buf + firsts * PAGE, lens * PAGE)
-        for f, ln, got in zip(firsts[:n].tolist(), lens[:n].tolist(), res[:n].tolist()):
-            # EEXIST: the first page is already there (not the whole run)
-            done = 1 if got == -errno.EEXIST else max(got, 0) // PAGE
-            if done:
-                idx = slice(i + f, i + f + done)
-                self.server.journal.add(journal.FREE, client.cid, start + f * PAGE, done)
-                self.swap.slots.release(r.slot[idx])
-                r.slot[idx] = -1
-                r.state[idx] = RESIDENT
-                r.stamp[idx] = now_ms()
-                if f == 0:  # the faulting page; the rest came along
-                    warm(r, i)
-                    client.refaults += 1
-                    client.readahead_pages += done - 1
-                else:
-                    client.readahead_pages += done
-                # pages read ahead are the stream's next ones: as hot as the
-                # page that brought them, or the policy would evict them first
-                r.heat[idx] = r.heat[i]
-                self.metrics.swapped_in(done)
-            if done < ln:
-                if got < 0 and got not in (-errno.EAGAIN, -errno.ENOENT, -errno.ESRCH):
-                    self.metrics.error("copy")
-                    log.warning("UFFDIO_COPY at %#x of pid %s: %s", start + f * PAGE,
-                                client.pid, errno.errorcode.get(-got))
-                r.state[i + f + done:i + f + ln] = SWAPPED
-                if got != -errno.ESRCH:
-                    self._refault(client, start + (f + done) * PAGE, ln - done)
-        for f, ln in zip(firsts[n:].tolist(), lens[n:].tolist()):
-            r.state[i + f:i + f + ln] = SWAPPED
-            self._refault(client, start + f * PAGE, ln)
+            self.serve(client, a[:, 0], a[:, 1], a[:, 2])
 
     def _refault(self, client: ManagedProcess, start: int, npages: int) -> None:
         """Pages of a swap-in that were not put back: other threads may wait
-        on any of them (their faults were read and left to this COPY). Wake
-        them all so they fault again, and serve the first one now."""
+        on any of them. Wake them all so they fault again, and serve the
+        first one now."""
+        if client.closed:
+            return
         try:
             uffd.wake(client.uffd, [start], [npages * PAGE])
         except OSError:
             pass
         self.retry(client, start)
 
-    def _gone_or_log(self, client: ManagedProcess, e: OSError, what: str) -> None:
-        if e.errno in (errno.ESRCH, errno.ENOENT):
-            return
-        self.metrics.error(what)
-        log.warning("%s for pid %s: %s", what, client.pid, e)
-
-
-def now_ms() -> int:
-    return int(time.monotonic() * 1000) & 0xFFFFFFFF
-
-
-def warm(r, i: int) -> None:
-    """The page came back soon after it was taken: it is hot."""
-    if r.heat[i] < 255:
-        r.heat[i] += 1
-    r.stamp[i] = now_ms()
-
+    # --- putting pages back --------------------------------------------------------------
+    async def restore(self, client: ManagedProcess, start: int = 0, end: int = 1 << 64) -> int:
+        """Put every reclaimed page of the client in [start, end) back, through
+        the engine (the same reads and COPYs as a fault, with no readahead
+        window and no heat). Returns the pages put back."""
+        h = getattr(client, "engine", None)
+        if h is None:
+            return 0
+        first = int(h.counters[eng.C["restored"]])
+        for _ in range(1_000_000):
+            if client.closed or client.engine is not h:
+                break
+            self._fresh(client, h)
+            queued = h.restore(start, end, max(1, self.nloads * 3 // 4))
+            self._after()
+            if queued < 0:
+                break
+            if not queued and not client.retry and not loading_in(client.pages, start, end):
+                break
+            await asyncio.sleep(0)
+            self.ring.harvest()
+        self.journal.flush()
+        return int(h.counters[eng.C["restored"]]) - first

@@ -58,6 +58,8 @@ class Ring:
         self._ud = np.zeros(512, dtype=np.uint64)
         self._res = np.zeros(512, dtype=np.int32)
         self._stats = ffi.new("uint64_t[2]")
+        self.before_harvest = None  # set by the fault engine's owner
+        self.after_harvest = None
 
     # --- lifecycle -------------------------------------------------------
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -161,16 +163,23 @@ class Ring:
 
     # --- completion ------------------------------------------------------
     def harvest(self) -> int:
-        """Run the callbacks of every completion posted so far."""
+        """Run the callbacks of every completion posted so far. Completions
+        tagged for the fault engine go to it inside the C harvest; the
+        hooks let its owner republish what the engine reads first
+        (before_harvest) and take what it produced (after_harvest)."""
         try:
             os.eventfd_read(self.eventfd)
         except BlockingIOError:
             pass
+        if self.before_harvest is not None:
+            self.before_harvest()
         done = 0
         while True:
             n = lib.ufs_ring_harvest(self._r, _ptr(self._ud, "uint64_t *"),
                                      _ptr(self._res, "int32_t *"), len(self._ud))
             if n <= 0:
+                if self.after_harvest is not None:
+                    self.after_harvest()
                 return done
             uds, res = self._ud[:n].tolist(), self._res[:n].tolist()
             for ud, r in zip(uds, res):
