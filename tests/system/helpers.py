@@ -1,18 +1,29 @@
 """Shared bits for the system tests: addresses of Python buffers, libc calls
 that release the GIL (a thread that faults on a uffd-registered page must not
-hold it, or the resolving thread could never run), and bounded waits."""
+hold it, or the resolving thread could never run), bounded waits, and what
+the running kernel's userfaultfd offers.
+
+The features: UFFDIO_API answers with every feature the kernel has
+(`uffdio_api.features` on return), whatever was asked; a request for one it
+lacks fails with EINVAL. A case asks for the features it uses, and only
+those, and is skipped, naming them, when the kernel lacks one: the kernel's
+own tools/testing/selftests/mm/uffd-unit-tests.c lists a
+`uffd_feature_required` per test the same way. The handshake is done once
+per uffd, so the probe spends a uffd of its own."""
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import os
 import select
 import threading
 
+import pytest
 from uffdsrv._native import ffi
 
 from tests.conftest import kernel_missing
+from uffdsrv.core.pages import PAGE
 
-PAGE = 4096
 WAIT = 5.0  # seconds: the longest any test waits for something that should happen
 
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -26,6 +37,73 @@ libc.memcpy.restype = ctypes.c_void_p
 
 def root_missing() -> str | None:
     return kernel_missing()
+
+
+# UFFD_FEATURE_* of <linux/userfaultfd.h>: bits of a stable ABI, named here so
+# a kernel header older than the running kernel cannot hide one
+FEATURES = {
+    "PAGEFAULT_FLAG_WP": 1 << 0, "EVENT_FORK": 1 << 1, "EVENT_REMAP": 1 << 2,
+    "EVENT_REMOVE": 1 << 3, "MISSING_HUGETLBFS": 1 << 4, "MISSING_SHMEM": 1 << 5,
+    "EVENT_UNMAP": 1 << 6, "SIGBUS": 1 << 7, "THREAD_ID": 1 << 8,
+    "MINOR_HUGETLBFS": 1 << 9, "MINOR_SHMEM": 1 << 10, "EXACT_ADDRESS": 1 << 11,
+    "WP_HUGETLBFS_SHMEM": 1 << 12, "WP_UNPOPULATED": 1 << 13, "POISON": 1 << 14,
+    "WP_ASYNC": 1 << 15, "MOVE": 1 << 16,
+}
+# what the server asks of an agent's uffd (uffd.REQUIRED_FEATURES), by name
+SERVER = ("EVENT_FORK", "EVENT_REMAP", "EVENT_REMOVE", "EVENT_UNMAP", "THREAD_ID")
+
+
+def feature_bits(names) -> int:
+    bits = 0
+    for n in names:
+        bits |= FEATURES[n]
+    return bits
+
+
+@functools.cache
+def kernel_features() -> int | None:
+    """Every UFFD_FEATURE_* bit the running kernel offers; None when no
+    uffd can be opened here (not root, no /dev/userfaultfd)."""
+    if kernel_missing():
+        return None
+    from uffdsrv.system import uffd
+    try:
+        fd = uffd.open_uffd()
+    except OSError:
+        return None
+    try:
+        have = uffd.api(fd, 0)[0]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    # UFFDSRV_TEST_WITHOUT=THREAD_ID,...: act as a kernel without them, to
+    # see which cases skip
+    hidden = os.environ.get("UFFDSRV_TEST_WITHOUT", "")
+    return have & ~feature_bits(n.strip() for n in hidden.split(",") if n.strip())
+
+
+def features_missing(names, have: int | None = None) -> str | None:
+    """Why a case that needs these features cannot run here (or on a
+    kernel offering `have`), or None."""
+    if have is None:
+        why = kernel_missing()
+        if why:
+            return why
+        have = kernel_features()
+        if have is None:
+            return "cannot open a userfaultfd to ask its features"
+    lacking = [n for n in names if not have & FEATURES[n]]
+    if lacking:
+        return "the kernel's userfaultfd lacks " + ", ".join(f"UFFD_FEATURE_{n}"
+                                                                 for n in lacking)
+    return None
+
+
+def skip_unless_features(names) -> None:
+    why = features_missing(names)
+    if why:
+        pytest.skip(why)
 
 
 def kernel_version() -> tuple[int, int]:

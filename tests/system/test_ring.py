@@ -296,12 +296,14 @@ def test_read_async_on_uvloop_resolves_through_the_eventfd(tmpfd):
 def test_ring_reads_uffd_messages_when_a_fault_arrives(ring):
     from uffdsrv.system import uffd
 
-    from .helpers import Worker, anon, read_page
+    from .helpers import Worker, anon, feature_bits, read_page, skip_unless_features
 
+    needs = ("THREAD_ID",)  # the message names the faulting thread
+    skip_unless_features(needs)
     fd = uffd.open_uffd()
     m = anon(2)
     try:
-        uffd.api(fd, uffd.REQUIRED_FEATURES)
+        uffd.api(fd, feature_bits(needs))
         addr = addr_of(m)
         uffd.register(fd, addr, 2 * PAGE, uffd.REGISTER_MODE_MISSING)
         res = Results()

@@ -17,20 +17,89 @@ import pytest
 
 from uffdsrv.system import proc, uffd
 
-from .helpers import PAGE, WAIT, Worker, addr_of, anon, libc, pattern, read_page, root_missing
+from .helpers import (
+    FEATURES,
+    PAGE,
+    SERVER,
+    WAIT,
+    Worker,
+    addr_of,
+    anon,
+    feature_bits,
+    features_missing,
+    libc,
+    pattern,
+    read_page,
+    root_missing,
+    skip_unless_features,
+)
 
 pytestmark = pytest.mark.skipif(root_missing() is not None, reason=str(root_missing()))
+
+# What each case needs of the kernel's userfaultfd, after the table of
+# tools/testing/selftests/mm/uffd-unit-tests.c: a case's uffd is opened with
+# these features and no others, and a kernel that lacks one skips that case
+# alone, saying which. Every test of this module is listed
+# (test_every_case_lists_its_features keeps it so).
+NEEDS = {
+    "test_api_grants_required_features": SERVER,
+    "test_api_twice_is_refused": (),
+    "test_parse_synthetic_messages": (),
+    "test_faults_resolved_by_zeropage_and_copy_batches": ("THREAD_ID",),
+    "test_eexist_is_reported_and_still_wakes": (),
+    "test_copy_multi_page_range_without_faults": (),
+    "test_partial_copy_stops_the_batch": (),
+    "test_wake_releases_a_thread_after_dontwake_copy": (),
+    "test_empty_batches_do_nothing": (),
+    "test_misaligned_range_is_einval": (),
+    "test_writeprotect_blocks_writer_until_unprotected": ("PAGEFAULT_FLAG_WP",),
+    "test_writeprotect_error_names_the_call": ("PAGEFAULT_FLAG_WP",),
+    "test_remove_event_blocks_madvise_and_fails_fills_with_eagain": ("EVENT_REMOVE",),
+    "test_register_unaligned_range_is_einval": (),
+    "test_fill_errors_are_per_entry": (),
+    "test_mismatched_batch_arrays_are_refused": (),
+    "test_every_case_lists_its_features": (),
+    "test_a_missing_feature_skips_only_the_cases_that_need_it": (),
+}
+
+
+@pytest.fixture(autouse=True)
+def features(request) -> int:
+    """The case's features as UFFDIO_API bits, once the kernel is known to
+    have them all."""
+    names = NEEDS[request.node.originalname]
+    skip_unless_features(names)
+    return feature_bits(names)
+
+
+def test_every_case_lists_its_features():
+    cases = {n for n in globals() if n.startswith("test_")}
+    assert cases == set(NEEDS), (cases ^ set(NEEDS))
+
+
+def test_a_missing_feature_skips_only_the_cases_that_need_it():
+    every = feature_bits(FEATURES)
+    without = every & ~FEATURES["EVENT_REMOVE"]
+    skipped = {n: features_missing(f, without) for n, f in NEEDS.items()}
+    skipped = {n: why for n, why in skipped.items() if why}
+    assert skipped == {
+        "test_api_grants_required_features": "the kernel's userfaultfd lacks "
+                                             "UFFD_FEATURE_EVENT_REMOVE",
+        "test_remove_event_blocks_madvise_and_fails_fills_with_eagain":
+            "the kernel's userfaultfd lacks UFFD_FEATURE_EVENT_REMOVE"}
+    assert features_missing(("THREAD_ID", "MOVE"), 0) == \
+        "the kernel's userfaultfd lacks UFFD_FEATURE_THREAD_ID, UFFD_FEATURE_MOVE"
 
 
 class Region:
     """An anonymous private mapping registered on a fresh uffd."""
 
-    def __init__(self, npages: int, mode: int = uffd.REGISTER_MODE_MISSING):
+    def __init__(self, npages: int, mode: int = uffd.REGISTER_MODE_MISSING, features: int = 0):
         self.npages = npages
         self.fd = uffd.open_uffd()
         self.map = None
         try:
-            self.granted, _ = uffd.api(self.fd, uffd.REQUIRED_FEATURES)
+            self.granted, _ = uffd.api(self.fd, features)
             self.map = anon(npages)
             self.addr = addr_of(self.map)
             self.ioctls = uffd.register(self.fd, self.addr, npages * PAGE, mode)
@@ -73,11 +142,11 @@ class Region:
 
 
 @pytest.fixture
-def region():
+def region(features):
     made = []
 
     def make(npages, mode=uffd.REGISTER_MODE_MISSING):
-        r = Region(npages, mode)
+        r = Region(npages, mode, features)
         made.append(r)
         return r
     yield make
@@ -96,19 +165,21 @@ def src_buffer(data: bytes):
 
 def test_api_grants_required_features(region):
     r = region(1)
+    # the answer lists every feature the kernel has: at least those asked
     assert r.granted & uffd.REQUIRED_FEATURES == uffd.REQUIRED_FEATURES
+    assert feature_bits(SERVER) == uffd.REQUIRED_FEATURES
     # register answers with the ioctls the range supports: COPY and ZEROPAGE
     # (_UFFDIO_COPY = 0x03, _UFFDIO_ZEROPAGE = 0x04, _UFFDIO_WAKE = 0x02)
     for bit in (0x02, 0x03, 0x04):
         assert r.ioctls & (1 << bit), hex(r.ioctls)
 
 
-def test_api_twice_is_refused():
+def test_api_twice_is_refused(features):
     fd = uffd.open_uffd()
     try:
-        uffd.api(fd, uffd.REQUIRED_FEATURES)
+        uffd.api(fd, features)
         with pytest.raises(OSError) as e:
-            uffd.api(fd, uffd.REQUIRED_FEATURES)
+            uffd.api(fd, features)
         # the handshake is done once per uffd; the second answer is EINVAL
         assert e.value.errno == errno.EINVAL
         assert "UFFDIO_API" in str(e.value)
@@ -356,12 +427,12 @@ def test_remove_event_blocks_madvise_and_fails_fills_with_eagain(region):
 
 # --- errors -------------------------------------------------------------------
 
-def test_register_unaligned_range_is_einval(region):
+def test_register_unaligned_range_is_einval(region, features):
     r = region(2)
     fd = uffd.open_uffd()
     other = anon(2)
     try:
-        uffd.api(fd, uffd.REQUIRED_FEATURES)
+        uffd.api(fd, features)
         with pytest.raises(OSError) as e:
             uffd.register(fd, addr_of(other) + 1, PAGE, uffd.REGISTER_MODE_MISSING)
         assert e.value.errno == errno.EINVAL
