@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="groups whose members may use the socket")
     s.add_argument("--min-region", type=parse_size, default=256 << 10,
                    help="smallest anonymous mapping managed automatically")
+    s.add_argument("--max-region", type=parse_size, default=None,
+                   help="largest mapping managed (default: twice the machine's memory); "
+                        "larger ones are reserved address space and left alone")
     s.add_argument("--zap-mode", choices=("process_madvise", "madvise"),
                    default="process_madvise",
                    help="how agents zap: one vectored call per batch (default), or one "
@@ -148,7 +151,8 @@ def cmd_serve(a) -> int:
             rules.default = a.budget
         server = Server(a.socket, a.swap, a.swap_size, a.metrics_addr, a.min_region,
                         a.zap_mode, state_dir=a.state_dir, policy=a.policy, budgets=rules,
-                        allow_uids=a.allow_uid or (), allow_gids=a.allow_gid or ())
+                        allow_uids=a.allow_uid or (), allow_gids=a.allow_gid or (),
+                        max_region=a.max_region)
     except SwapError as e:
         raise UsageError(str(e)) from None
 
