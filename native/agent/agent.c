@@ -65,12 +65,21 @@
  *    keeps (but never uses) the parent's uffd, since closing it is not
  *    needed and it is CLOEXEC anyway.
  *
- *  - process_madvise(PIDFD_SELF) needs Linux 6.15; on older kernels the
- *    pseudo-fd is rejected (EBADF), so the first such failure falls back to
- *    a real pidfd and the choice is remembered. A partial result means the
- *    kernel stopped at a failing range: we call again from there so that
- *    the failure itself reports its errno, and then stop. Skipping the
- *    failed range would tell the server that pages it still counts as
+ *  - How to zap is asked of the kernel once, at start, on a scratch page
+ *    that the server never sees (it is gone before HELLO): the PIDFD_SELF
+ *    pseudo-fd is recent (EBADF before), and before 6.13 process_madvise
+ *    refuses MADV_DONTNEED whoever the target (EINVAL: only COLD, PAGEOUT,
+ *    WILLNEED and COLLAPSE), as on Debian 12's 6.1. So: process_madvise
+ *    (PIDFD_SELF), else through a pidfd of our own, else one madvise() per
+ *    range. The ranges the server sends are already merged, so the
+ *    fallback drops the same pages with as few calls as it can; what it
+ *    loses is the shared TLB flush (one shootdown per range instead of one
+ *    per batch). UFFDSRV_AGENT_ZAP=madvise|pidfd forces a fallback, for
+ *    tests only. If the chosen call later fails as an unknown one would,
+ *    the next one down is tried and remembered. A partial result means
+ *    the kernel stopped at a failing range: we call again from there so
+ *    that the failure itself reports its errno, and then stop. Skipping
+ *    the failed range would tell the server that pages it still counts as
  *    resident were dropped, or the other way round.
  */
 #define _GNU_SOURCE
@@ -153,7 +162,7 @@ _Static_assert(sizeof(struct ufs_error) == 24, "ufs_error");
 #define REGION_BYTES (256 * 1024) /* zap thread stack + buffers */
 #define PAGE_SZ 4096UL
 
-enum pm_mode { PM_UNKNOWN, PM_SELF, PM_PIDFD };
+enum pm_mode { PM_UNKNOWN, PM_SELF, PM_PIDFD, PM_MADVISE };
 
 /* Everything the zap thread touches. It lives at the top of the private
  * region, above the thread's stack (which grows down towards a guard). */
@@ -380,9 +389,31 @@ static int hello_exchange(struct agent *st, uint32_t flags, int fd_to_send, int 
 /* ------------------------------------------------------------------ */
 /* the zap thread                                                      */
 
+/* process_madvise's contract with madvise(): bytes done up to the first
+ * failing range, or -1 with errno when the first one fails. */
+static long madvise_each(const struct iovec *iov, size_t n) {
+    long total = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (iov[i].iov_len && madvise(iov[i].iov_base, iov[i].iov_len, MADV_DONTNEED) < 0)
+            return total ? total : -1;
+        total += (long)iov[i].iov_len;
+    }
+    return total;
+}
+
 static long pm_call(struct agent *st, struct iovec *iov, size_t n) {
-    if (st->pm_mode == PM_PIDFD)
-        return syscall(SYS_process_madvise, st->pidfd, iov, n, MADV_DONTNEED, 0);
+    if (st->pm_mode == PM_MADVISE) return madvise_each(iov, n);
+    if (st->pm_mode == PM_PIDFD) {
+        long r = syscall(SYS_process_madvise, st->pidfd, iov, n, MADV_DONTNEED, 0);
+        if (r >= 0 || (errno != EINVAL && errno != ENOSYS)) return r;
+        /* DONTNEED refused by process_madvise (before 6.13): fall back,
+         * unless the ranges themselves are what madvise refuses too. */
+        int e = errno;
+        long r2 = madvise_each(iov, n);
+        if (r2 >= 0) st->pm_mode = PM_MADVISE;
+        else errno = e;
+        return r2;
+    }
     long r = syscall(SYS_process_madvise, PIDFD_SELF, iov, n, MADV_DONTNEED, 0);
     if (r >= 0) {
         st->pm_mode = PM_SELF;
@@ -405,9 +436,45 @@ static long pm_call(struct agent *st, struct iovec *iov, size_t n) {
         return r2;
     }
     /* Both failed: the error is about the ranges, not the pseudo-fd. If
-     * the errors differ, PIDFD_SELF itself was the problem. */
-    if (errno != e) st->pm_mode = PM_PIDFD;
+     * the errors differ, PIDFD_SELF itself was the problem, and EINVAL
+     * through a real pidfd is a kernel that refuses DONTNEED there. */
+    if (errno != e) {
+        st->pm_mode = PM_PIDFD;
+        if (errno == EINVAL) return pm_call(st, iov, n);
+    }
     return r2;
+}
+
+/* The zap call this kernel takes (see the top of the file), tried on a
+ * touched scratch page that must read as zeros afterwards. Runs at start,
+ * on the program's thread; the page is unmapped before HELLO. */
+static int probe_zap_mode(struct agent *st) {
+    const char *force = getenv("UFFDSRV_AGENT_ZAP"); /* tests only */
+    if (force && strcmp(force, "madvise") == 0) return PM_MADVISE;
+    volatile char *p = mmap(NULL, PAGE_SZ, PROT_READ | PROT_WRITE,
+                            MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return PM_UNKNOWN;
+    struct iovec iov = {(void *)p, PAGE_SZ};
+    int mode = PM_MADVISE;
+    p[0] = 1;
+    if (!(force && strcmp(force, "pidfd") == 0) &&
+        syscall(SYS_process_madvise, PIDFD_SELF, &iov, 1, MADV_DONTNEED, 0) == (long)PAGE_SZ &&
+        p[0] == 0) {
+        mode = PM_SELF;
+    } else {
+        p[0] = 1;
+        int fd = (int)syscall(SYS_pidfd_open, getpid(), 0);
+        if (fd >= 0 &&
+            syscall(SYS_process_madvise, fd, &iov, 1, MADV_DONTNEED, 0) == (long)PAGE_SZ &&
+            p[0] == 0) {
+            mode = PM_PIDFD;
+            st->pidfd = move_high(fd);
+        } else if (fd >= 0) {
+            close(fd);
+        }
+    }
+    munmap((void *)p, PAGE_SZ);
+    return mode;
 }
 
 static int range_overlaps_private(const struct agent *st, uint64_t start, uint64_t len) {
@@ -597,7 +664,13 @@ static void atfork_child(void) {
     /* A pidfd names the parent; PIDFD_SELF names whoever calls. */
     if (st->pidfd >= 0) close(st->pidfd);
     st->pidfd = -1;
-    if (st->pm_mode == PM_PIDFD) st->pm_mode = PM_UNKNOWN;
+    if (st->pm_mode == PM_PIDFD) {
+        int fd = (int)syscall(SYS_pidfd_open, getpid(), 0);
+        if (fd >= 0)
+            st->pidfd = move_high(fd);
+        else
+            st->pm_mode = PM_UNKNOWN;
+    }
 
     /* Fault on the empty, registered beacon: the fault lands on the
      * child's new uffd with our thread id, naming us to the server. */
@@ -718,6 +791,7 @@ static int agent_start_locked(const char *socket_path, unsigned flags, char *why
     st->uffd = uffd;
     st->features = features;
     st->flags = flags;
+    st->pm_mode = probe_zap_mode(st);
     st->addr.sun_family = AF_UNIX;
     memcpy(st->addr.sun_path, socket_path, plen + 1);
     st->addrlen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + plen + 1);
@@ -758,8 +832,12 @@ UFFDSRV_API int uffdsrv_agent_start(const char *socket_path, unsigned flags) {
     char why[256] = "";
     pthread_mutex_lock(&g_lock);
     int r = agent_start_locked(socket_path, flags, why, sizeof why);
+    /* which zap call the kernel took, for those who ask (and the tests) */
+    static const char *const zap[] = {"managed", "managed (zap: process_madvise PIDFD_SELF)",
+                                      "managed (zap: process_madvise pidfd)",
+                                      "managed (zap: madvise per range)"};
     if (r == 0)
-        set_status("managed");
+        set_status(zap[g_st->pm_mode]);
     else if (!atomic_load(&g_managed))
         set_status(why[0] ? why : strerror(-r));
     pthread_mutex_unlock(&g_lock);

@@ -6,6 +6,15 @@ INCLUDES = """
 #ifndef MADV_COLLAPSE
 #define MADV_COLLAPSE 25
 #endif
+/* Newer than Debian 12's 6.1 headers. PIDFD_SELF is PIDFD_SELF_THREAD of
+ * linux/pidfd.h; PAGEMAP_SCAN is _IOWR('f', 16, struct pm_scan_arg), the
+ * struct being 96 bytes (linux/fs.h, which glibc's sys/mount.h fights). */
+#ifndef PIDFD_SELF
+#define PIDFD_SELF (-10000)
+#endif
+#ifndef PAGEMAP_SCAN
+#define PAGEMAP_SCAN 0xC0606610u
+#endif
 """
 
 CDEF = """
@@ -13,4 +22,6 @@ CDEF = """
 #define MADV_COLD ...
 #define MADV_PAGEOUT ...
 #define MADV_COLLAPSE ...
+#define PIDFD_SELF ...
+#define PAGEMAP_SCAN ...
 """
