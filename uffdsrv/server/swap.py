@@ -8,14 +8,17 @@ mode, in order of preference:
 * "direct": the file or block device is opened O_DIRECT; every read and
   write is whole 4 KiB slots from the page-aligned ring arena;
 * "dontcache": the filesystem refuses direct I/O, and every read and write
-  carries RWF_DONTCACHE (Linux 6.14+): the kernel drops the pages itself;
+  carries RWF_DONTCACHE (Linux 6.14+): the kernel drops what it read and
+  starts writeback at once; written() waits for that writeback and drops
+  the pages (here an overwrite's pages stayed cached without that);
 * "buffered": neither; written() waits for writeback of what was written
   and drops it, was_read() drops what was read.
 
 `io_mode` names it, `rw_flags` are the flags every ring read and write of
 the file carries, and whoever completes a swap read or write calls
-`was_read` / `written` for the range (no-ops unless "buffered"; `written`
-then waits on the device, so `needs_sync` says to call it off the loop).
+`was_read` / `written` for the range: no-ops in "direct" mode; when
+`needs_sync` is true, `written` waits on the device, so call it off the
+loop; `drops_reads` says whether `was_read` does anything.
 
 A new file is created 0600 with O_EXCL and O_NOFOLLOW; an existing one must
 be ours and private, and is never shrunk (a journal may name its slots).
@@ -55,7 +58,8 @@ class SwapFile:
             raise SwapError(f"swap size {size} is too small (at least {PAGE * 16} bytes)")
         self.path = path
         self.io_mode, self.rw_flags, self.preallocated = "buffered", 0, False
-        self._drop = False  # the buffered fallback's sync and drop, after each I/O
+        # what the fallbacks do after each I/O: sync and drop a write, drop a read
+        self._sync_writes = self._drop_reads = False
         self._scratch = swapdev.AlignedBuffer(ZERO_CHUNK)
         self.fd = self._open(path, io_mode in (None, "direct"))
         try:
@@ -152,12 +156,14 @@ class SwapFile:
             raise SwapError(f"swap file {self.path}: the filesystem refuses direct I/O")
         elif io_mode != "buffered" and swapdev.probe(fd, probe, swapdev.RWF_DONTCACHE) == 0:
             self.io_mode, self.rw_flags = "dontcache", swapdev.RWF_DONTCACHE
+            # its overwrites stay cached (system/swapdev.py): sync and drop them
+            self._sync_writes = memfs is None
         elif io_mode == "dontcache":
             raise SwapError(f"swap file {self.path}: RWF_DONTCACHE is not supported here")
         else:
             self.io_mode, self.rw_flags = "buffered", 0
             # on tmpfs the cached pages are the file: nothing to drop
-            self._drop = memfs is None
+            self._sync_writes = self._drop_reads = memfs is None
         if not memfs:
             # what an earlier buffered run left in the cache goes now
             # (direct I/O keeps the cache coherent, but never frees it)
@@ -187,18 +193,23 @@ class SwapFile:
     @property
     def needs_sync(self) -> bool:
         """written() waits for the device: call it off the event loop."""
-        return self._drop
+        return self._sync_writes
 
     # (a length of 0 would mean "to the end of the file" to both calls)
+    @property
+    def drops_reads(self) -> bool:
+        """was_read() does something: worth telling it about reads."""
+        return self._drop_reads
+
     def written(self, offset: int, length: int) -> None:
         """A write of [offset, offset + length) has completed."""
-        if self._drop and length > 0:
+        if self._sync_writes and length > 0:
             swapdev.sync_range(self.fd, offset, length)
             swapdev.drop_cache(self.fd, offset, length)
 
     def was_read(self, offset: int, length: int) -> None:
         """A read of [offset, offset + length) has completed."""
-        if self._drop and length > 0:
+        if self._drop_reads and length > 0:
             swapdev.drop_cache(self.fd, offset, length)
 
     # --- synchronous I/O, for paths off the ring -----------------------------------

@@ -23,8 +23,12 @@ Where direct I/O is refused, two buffered fallbacks keep the cache empty:
 
 * RWF_DONTCACHE (Linux 6.14, per call, as preadv2/pwritev2 flags and
   io_uring's rw_flags): a write starts writeback of its range at once and
-  the pages are dropped when writeback completes; a read drops the pages
-  it read. A filesystem that lacks it (or an older kernel, which knows no
+  the pages are meant to be dropped when writeback completes; a read drops
+  the pages it read. Measured here (6.18, ext4): reads and first writes
+  into fallocated blocks leave nothing cached, but an overwrite leaves
+  every page cached (clean) for good, so written pages still get the
+  sync_file_range + DONTNEED below, with their writeback already started.
+  A filesystem that lacks the flag (or an older kernel, which knows no
   such flag) answers EOPNOTSUPP, so it is probed with a one-page read.
 * otherwise sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER) of what was
   written (the pages are clean when it returns; this is not fsync: no
