@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     started = datetime.datetime.now(datetime.UTC)
     t0 = time.monotonic()
     rows = []
+    took = {}
     cmd = "python -m bench " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
     try:
         with tempfile.TemporaryDirectory(prefix="uffdsrv-bench-") as tmp, Progress(
@@ -112,8 +113,10 @@ def main(argv=None) -> int:
                 progress.update(task, description=desc)
             for name in BENCHES:
                 if name in which:
+                    b0 = time.monotonic()
                     for row in getattr(runs, name)(plan, Path(tmp), step):
                         rows.append(row)
+                    took[name] = round(time.monotonic() - b0, 1)
             progress.advance(task)
             progress.update(task, description="done")
     except procs.BenchError as e:
@@ -127,7 +130,8 @@ def main(argv=None) -> int:
     meta = {"machine": machine(), "command": cmd, "quick": a.quick,
             "started": started.isoformat(timespec="seconds"),
             "seconds": time.monotonic() - t0, "kernel": platform.release(),
-            "kernel_features": kernel.features(), "cpus": os.cpu_count()}
+            "kernel_features": kernel.features(), "cpus": os.cpu_count(),
+            "bench_seconds": took}
     rats = report.ratios(rows)
     doc = {"meta": meta, "rows": [{k: _clean(v) for k, v in r.items()} for r in rows],
            "ratios": [{k: _clean(v) for k, v in r.items()} for r in rats]}

@@ -97,6 +97,7 @@ def busy_reclaim(srv, plan, tmp: Path) -> dict:
                 errors.append(f"pid {c['pid']}: {e}")
             secs += time.perf_counter() - s0
         still = st.running()
+        st.kill()
     return {"bench": "busy-reclaim", "method": f"stress-ng --malloc {BUSY_WORKERS}",
             "threads": BUSY_WORKERS, "processes": len(ws), "managed_bytes": managed,
             "resident_bytes": resident, "reclaimed_bytes": reclaimed,

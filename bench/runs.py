@@ -63,7 +63,7 @@ class Plan:
         if quick:
             return cls(quick=True, zap_rounds=6, reclaim_mib=32, fault_mib=16, fault_reps=1,
                        policy_mib=32, policy_accesses={"zipf": 25_000, "seq": 8192},
-                       policy_warmup={"zipf": 5_000, "seq": 2048}, memfree_window_s=1.0,
+                       policy_warmup={"zipf": 5_000, "seq": 2048}, memfree_window_s=0.5,
                        stress_s=2.0, busy_settle_s=0.5)
         return cls(quick=False)
 
