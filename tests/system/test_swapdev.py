@@ -3,13 +3,16 @@ O_DIRECT; where direct I/O means nothing (tmpfs) the fallback is named;
 each mode leaves no page of the file in the page cache (counted with
 mincore, as fincore does, so a cached page cannot hide); fallocate really
 allocated the blocks (st_blocks); unaligned I/O is refused, not done
-halfway; and ring reads and writes carry their rw_flags to the kernel.
+halfway; ring reads and writes carry their rw_flags to the kernel; and a
+block device (a loop device, as root) is used whole, direct.
 
 Files live under pytest's tmp_path (the disk: ext4 here) or /dev/shm
 (tmpfs), and are removed with it."""
 import errno
 import logging
 import os
+import shutil
+import subprocess
 import time
 
 import pytest
@@ -255,6 +258,36 @@ def test_ring_carries_rw_flags_to_the_kernel(swap):
         assert got == [-errno.EOPNOTSUPP] * 3, got
     finally:
         ring.close()
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("a loop device needs root and losetup")
+    img = tmp_path / "disk.img"
+    with open(img, "wb") as f:
+        f.truncate(SIZE)
+    r = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"no loop device: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    yield dev
+    subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_block_device_goes_direct(loop_device):
+    s = SwapFile(loop_device, 4 * SIZE)  # asks for more than the device has
+    try:
+        assert s.io_mode == "direct" and fdinfo_flags(s.fd) & os.O_DIRECT
+        assert s.size == SIZE and s.slots.nslots == SIZE // PAGE
+        assert not s.preallocated  # a device has its blocks already
+        data = pattern(4 * PAGE, 8)
+        assert s.pwrite(data, SIZE - 4 * PAGE) == len(data)
+        back = bytearray(len(data))
+        assert s.pread(back, SIZE - 4 * PAGE) == len(data) and bytes(back) == data
+        assert swapdev.cached_pages(s.fd, 0, SIZE) == 0
+    finally:
+        s.close()
 
 
 # --- the file's own checks ---------------------------------------------------------
