@@ -46,6 +46,8 @@ IPI, so shootdown counts vary between runs; ratios within one run count. (6) The
 reclaim workload has every other page filled, so every reclaimed page is a range
 of its own (the worst case for zaps), and one thread busy. (7) stress-ng
 bogo-ops/s depend on what else the 2 CPUs do: plain and managed run back to back.
+(8) busy-reclaim's "managed" bytes are every managed mapping of the workers,
+including heap reserves never touched, so reclaimed / resident is given beside it.
 
 """
 

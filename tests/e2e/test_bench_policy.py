@@ -55,7 +55,11 @@ def test_rows_sane(results):
         # fault from swap brings at least its own page
         assert r["refaults_per_1000"] <= 1000, r
         assert 1 <= r["pages_per_swap_fault"] <= 32 + 1e-9, r
-        assert r["refaults"] + r["readahead_pages"] <= r["accesses"] + 64, r
+        # Pages read from swap: each access at most one, plus read-ahead
+        # pages. A read-ahead page the budget evicts before its access is
+        # read again, so the sum may pass the accesses a little, never by
+        # a runaway readahead's worth.
+        assert r["refaults"] + r["readahead_pages"] <= 1.1 * r["accesses"] + 64, r
 
 
 def test_same_accesses_under_every_policy(results):
