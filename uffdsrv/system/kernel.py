@@ -37,6 +37,23 @@ scratch mapping, at start:
   the kernel knows (io_uring_setup itself fails with EPERM where
   kernel.io_uring_disabled forbids it, ENOSYS where it is not built).
 
+A page whose swap slot cannot be read must end as the kernel ends a swap
+page it cannot read: SIGBUS for the program that touched it, never zeros
+or another page's bytes. `fail_page` does it with what the kernel has:
+
+* UFFDIO_POISON installs a poison marker in the page table and wakes the
+  faulting thread; its retry, and every later touch, raises SIGBUS
+  (BUS_MCEERR_AR, si_addr the page), exactly as a hardware-poisoned page.
+* without it (before 6.6), SIGBUS is sent to the process through its
+  pidfd (pidfd_send_signal: no pid-reuse race, and no thread id that a
+  pid namespace would make wrong). The fatal signal wakes the thread
+  blocked in the fault and the process dies of SIGBUS, as it would with
+  the marker. What differs: si_code is SI_USER with no si_addr, so a
+  program's own SIGBUS handler cannot tell which page failed, and it can
+  return into the same fault (which then fails again); a fault taken
+  inside a syscall (read() into the page) kills the process instead of
+  failing the syscall with EFAULT.
+
 Each feature carries what its absence costs; `Kernel.missing_line()` is
 the one log line the server prints at start, and `Kernel.refusal()` names
 what the server cannot run without.
@@ -45,6 +62,7 @@ import errno
 import fcntl
 import mmap
 import os
+import signal
 import struct
 import tempfile
 
@@ -125,9 +143,23 @@ def _anon(npages: int) -> tuple[mmap.mmap, int]:
     return m, swapdev.address(m)
 
 
+def _open_uffd() -> tuple[int, str]:
+    """A uffd for the probe. Not being allowed one (EPERM, EACCES: not root,
+    vm.unprivileged_userfaultfd 0) is not a missing feature: one that
+    handles only user-mode faults is allowed to anybody (5.11+), and the
+    kernel answers UFFDIO_API the same on it."""
+    try:
+        return uffd.open_uffd(), ""
+    except PermissionError as e:
+        fd = lib.ufs_uffd_open(os.O_CLOEXEC | os.O_NONBLOCK | lib.UFFD_USER_MODE_ONLY)
+        if fd < 0:
+            raise e from None
+        return fd, ", user-mode faults only (not allowed more)"
+
+
 def _probe_uffd(features: dict, details: dict) -> int:
     try:
-        fd = uffd.open_uffd()
+        fd, note = _open_uffd()
     except OSError as e:
         details["userfaultfd"] = e.strerror or str(e)
         return 0
@@ -135,7 +167,7 @@ def _probe_uffd(features: dict, details: dict) -> int:
     try:
         granted, _ = uffd.api(fd, 0)
         features["userfaultfd"] = True
-        details["userfaultfd"] = f"UFFDIO_API features {granted:#x}"
+        details["userfaultfd"] = f"UFFDIO_API features {granted:#x}{note}"
         ev = granted & EVENT_FEATURES
         features["uffd_events"] = ev == EVENT_FEATURES
         details["uffd_events"] = f"{ev:#x} of {EVENT_FEATURES:#x}"
@@ -251,7 +283,9 @@ def _probe_io_uring(features: dict, details: dict) -> None:
 
 def probe(directory: str | None = None) -> Kernel:
     """Ask the running kernel. `directory`: where the swap file lives, for
-    the filesystem-dependent probes (default: the temporary directory)."""
+    the filesystem-dependent probes (default: the temporary directory).
+    UFFDSRV_KERNEL_HIDE=name,... reports those features missing whatever
+    the kernel says: how a test shows a refusal on a kernel that has all."""
     features = {n: False for n in FEATURES}
     details: dict[str, str] = {}
     granted = _probe_uffd(features, details)
@@ -259,5 +293,38 @@ def probe(directory: str | None = None) -> Kernel:
     _probe_pagemap_scan(features, details)
     _probe_dontcache(features, details, directory)
     _probe_io_uring(features, details)
+    for name in filter(None, os.environ.get("UFFDSRV_KERNEL_HIDE", "").split(",")):
+        if name in features:
+            features[name] = False
+            details[name] = "hidden by UFFDSRV_KERNEL_HIDE"
     u = os.uname()
     return Kernel(u.release, u.version, granted, features, details)
+
+
+def fail_page(fd: int, addr: int, pidfd: int, poison: bool) -> None:
+    """End the fault on the page at addr with SIGBUS for its program (see
+    the top of this file): UFFDIO_POISON when `poison` (the feature
+    uffdio_poison), else the signal through `pidfd`."""
+    if poison:
+        arg = bytearray(struct.pack("<QQQq", addr & -PAGE, PAGE, 0, 0))
+        try:
+            fcntl.ioctl(fd, lib.UFFDIO_POISON, arg)
+        except OSError as e:
+            raise OSError(e.errno, f"UFFDIO_POISON: {e.strerror}") from None
+        return
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGBUS)
+    except OSError as e:
+        raise OSError(e.errno, f"pidfd_send_signal(SIGBUS): {e.strerror}") from None
+
+
+_current: Kernel | None = None
+
+
+def current(directory: str | None = None) -> Kernel:
+    """The probe, run once per process: the server asks at start (with its
+    swap file's directory) and reports the same answer ever after."""
+    global _current
+    if _current is None:
+        _current = probe(directory)
+    return _current
