@@ -1,5 +1,5 @@
 """Memory reclaimed is memory the machine gets back: after `uffdsrv reclaim`
-of a 256 MiB workload returns, MemFree has grown by about what was
+of a 256 MiB workload returns, free memory has grown by about what was
 reclaimed, the page cache has not taken it instead, the swap file has
 (almost) no page in the cache, and every page then reads back right.
 
@@ -7,17 +7,26 @@ Through the page cache this failed by a mile: reclaiming 512 MiB raised
 MemFree by 60 MiB (0.12) and grew Cached by 526 MiB (1.03); 256 MiB here
 gave MemFree -0.17 and Cached +1.12 of the bytes reclaimed.
 
-The bounds, derived: ideally MemFree grows by 1.0x and Cached by 0x. The
+The bounds, derived: ideally free memory grows by 1.0x and Cached by 0x. The
 server's own growth while it reclaims (page-map arrays, the journal's few
 KiB written through the cache, Python heap) is a few MiB; the rest of the
 slack is for the machine's other activity over the seconds the test runs
 (2 CPUs shared with other test runs: a process starting or exiting moves
-MemFree by tens of MiB). 0.7 leaves 77 MiB of that and 0.2 leaves 51 MiB,
+free memory by tens of MiB). 0.7 leaves 77 MiB of that and 0.2 leaves 51 MiB,
 while the page-cache behaviour stays at least 0.5 away from either bound.
-MemFree is sampled for up to 5 s and its best gain taken: a RWF_DONTCACHE
+Free memory is sampled for up to 5 s and its best gain taken: a RWF_DONTCACHE
 write drops its pages when writeback completes, just after the write.
 
-MemFree is the whole machine's, so a neighbour that allocates while we
+"Free" here is MemFree plus the pages on the per-CPU free lists. Since
+Linux 6.7 the kernel tunes those lists up after a burst of frees (here up
+to high_max = 48,307 pages, 188 MiB, per CPU) and drains them back into
+the buddy allocator, which is all MemFree counts, at about 8 MiB/s here.
+Measured after reclaiming 256 MiB: MemFree +0.21..0.35 at once and +0.41..
+0.51 after 5 s, MemFree + per-CPU lists +0.99..1.00 at once. Those pages are
+free (the next allocation on that CPU takes them); MemFree alone cannot
+show it within 5 s.
+
+Free memory is the whole machine's, so a neighbour that allocates while we
 watch can hide what we freed: the round is run again (fault all back,
 fill, reclaim) up to ATTEMPTS times, and one round must meet both bounds.
 What cannot be noise is checked every round: the swap file's own pages
@@ -35,10 +44,10 @@ from ..conftest import Server, Workload, wait_client
 
 MIB = 1 << 20
 WORKLOAD_MIB = 256
-MEMFREE_MIN = 0.7   # of the bytes reclaimed, within 5 s
+FREE_MIN = 0.7      # of the bytes reclaimed, within 5 s
 CACHED_MAX = 0.2
 SETTLE = 5.0
-ATTEMPTS = 3  # rounds; MemFree must hold its bound in one of them
+ATTEMPTS = 3  # rounds; free memory must hold its bound in one of them
 
 
 def meminfo() -> dict[str, int]:
@@ -48,6 +57,24 @@ def meminfo() -> dict[str, int]:
             k, v = line.split(":")
             out[k] = int(v.split()[0]) * 1024
     return out
+
+
+def pcp_free() -> int:
+    """Bytes on the per-CPU free lists: the `count:` of each pageset in
+    /proc/zoneinfo."""
+    n = 0
+    with open("/proc/zoneinfo") as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("count:"):
+                n += int(line.split()[1])
+    return n * PAGE
+
+
+def free_bytes() -> tuple[int, int, int]:
+    """(MemFree + per-CPU free lists, MemFree, Cached) now."""
+    m = meminfo()
+    return m["MemFree"] + pcp_free(), m["MemFree"], m["Cached"]
 
 
 def swap_cached_pages(path: str) -> int:
@@ -86,39 +113,39 @@ def test_reclaim_gives_memory_back_to_the_machine(small_server):
         for attempt in range(ATTEMPTS):
             w.cmd(f"fill {attempt + 7}")
             time.sleep(0.5)  # let the fill's page-table and allocator work settle
-            got, free, cached = reclaim_and_watch(s, w.pid)
+            got, free, memfree, cached = reclaim_and_watch(s, w.pid)
             swap_pages = swap_cached_pages(s.swap)
-            rounds.append(f"io_mode {mode}: reclaimed {got / MIB:.0f} MiB, MemFree "
-                          f"{free / MIB:+.0f} MiB ({free / got:.2f}), Cached {cached / MIB:+.0f} "
-                          f"MiB ({cached / got:.2f}), swap file pages cached {swap_pages}")
+            rounds.append(f"io_mode {mode}: reclaimed {got / MIB:.0f} MiB, free {free / MIB:+.0f} "
+                          f"MiB ({free / got:.2f}; MemFree alone {memfree / got:.2f}), Cached "
+                          f"{cached / MIB:+.0f} MiB ({cached / got:.2f}), swap file pages "
+                          f"cached {swap_pages}")
             print(rounds[-1])
             # the swap file itself is never in the cache: no noise in this one
             assert swap_pages <= got // PAGE // 100, rounds
             # every page comes back right, read from the device, not the cache
             assert w.verify() == (w.npages, 0)
             assert swap_cached_pages(s.swap) <= got // PAGE // 100, rounds
-            if free >= MEMFREE_MIN * got and cached <= CACHED_MAX * got:
+            if free >= FREE_MIN * got and cached <= CACHED_MAX * got:
                 break
         else:
-            raise AssertionError(f"MemFree or Cached out of bounds in every round: {rounds}")
+            raise AssertionError(f"free memory or Cached out of bounds in every round: {rounds}")
     finally:
         w.close()
 
 
-def reclaim_and_watch(s: Server, pid: int) -> tuple[int, int, int]:
-    """Reclaim everything; then (bytes reclaimed, best MemFree gain within
-    SETTLE seconds, Cached growth at that moment)."""
-    before = meminfo()
+def reclaim_and_watch(s: Server, pid: int) -> tuple[int, int, int, int]:
+    """Reclaim everything; then (bytes reclaimed, best gain of free memory
+    within SETTLE seconds, MemFree's gain and Cached's growth then)."""
+    free0, memfree0, cached0 = free_bytes()
     got = s.reclaim(pid)
     assert got >= 0.9 * WORKLOAD_MIB * MIB, got
-    best_free, cached = None, None
+    best = None
     deadline = time.monotonic() + SETTLE
     while time.monotonic() < deadline:
-        now = meminfo()
-        gain = now["MemFree"] - before["MemFree"]
-        if best_free is None or gain > best_free:
-            best_free, cached = gain, now["Cached"] - before["Cached"]
-        if best_free >= got and cached <= 0.05 * got:
+        free, memfree, cached = free_bytes()
+        if best is None or free - free0 > best[0]:
+            best = (free - free0, memfree - memfree0, cached - cached0)
+        if best[0] >= got and best[2] <= 0.05 * got:
             break
         time.sleep(0.05)
-    return got, best_free, cached
+    return (got, *best)
