@@ -247,7 +247,7 @@ class Demo:
             if sw else "swap file  -",
             "workload VmRSS  " + (f"{self.rss_kb / 1024:.1f} MiB" if self.rss_kb else "-")
             + "  (rss, after each step)",
-            "given back to the machine  " + self.memory_text(),
+            "given back to the machine  " + self.memory_text() + "  (machine-wide)",
             Text("last verify  " + self.verify_text(),
                  style="red" if self.last_verify and self.last_verify[2] else "green"),
             f"reclaimed  {self.reclaimed * PAGE / MIB:.0f} MiB in {self.reclaim_time:.2f} s",
@@ -303,7 +303,8 @@ def main(argv=None) -> int:
     if d.last_given is not None:
         print(f"given back to the machine after the last reclaim: MemFree "
               f"{d.last_given[0] / MIB:+.0f} MiB, page cache {d.last_given[1] / MIB:+.0f} MiB "
-              f"(the workload's {a.mib} MiB against the end of the fill)")
+              f"(the workload's {a.mib} MiB against the end of the fill; MemFree is the "
+              f"whole machine's, so other programs' memory moves it too)")
     if not clean:
         print("uffdsrv demo: the server did not stop cleanly "
               f"(see {a.state_dir}/server.log)", file=sys.stderr)
