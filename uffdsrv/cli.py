@@ -112,16 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def request(path: str, req: dict, timeout: float | None = 600) -> dict:
-    """The old entry point, kept for callers not yet on uffdsrv.ctl: the
-    same request, its failures as UsageError."""
-    req = dict(req)
-    try:
-        return ctl.request(path, req.pop("cmd"), timeout=timeout, **req)
-    except ctl.ControlError as e:
-        raise UsageError(_say(e)) from None
-
-
 def _say(e: "ctl.ControlError") -> str:
     return str(e) if isinstance(e, ctl.Unreachable) else f"server: {e}"
 
@@ -132,6 +122,10 @@ def cmd_serve(a) -> int:
 
     from .server.daemon import Server
     from .server.swap import SwapError
+    from .system import kernel
+    why = kernel.current(os.path.dirname(os.path.abspath(a.swap))).refusal()
+    if why:
+        raise UsageError(f"uffdsrv serve: {why}")
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if os.geteuid() != 0:
@@ -173,9 +167,14 @@ def cmd_run(a) -> int:
         raise UsageError("uffdsrv run: no command given (uffdsrv run --socket PATH -- CMD ...)")
     if not os.path.exists(AGENT):
         raise UsageError(f"the agent library {AGENT} is not built (run make)")
+    from .system import kernel
     env = dict(os.environ)
-    env["UFFDSRV_SOCKET"] = os.path.abspath(a.socket)
-    env["LD_PRELOAD"] = " ".join(filter(None, [AGENT, env.get("LD_PRELOAD")]))
+    why = kernel.current().refusal()
+    if why:
+        print(f"uffdsrv run: {why}; running {cmd[0]} unmanaged", file=sys.stderr)
+    else:
+        env["UFFDSRV_SOCKET"] = os.path.abspath(a.socket)
+        env["LD_PRELOAD"] = " ".join(filter(None, [AGENT, env.get("LD_PRELOAD")]))
     try:
         os.execvpe(cmd[0], cmd, env)
     except FileNotFoundError:
