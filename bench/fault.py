@@ -34,7 +34,7 @@ from pathlib import Path
 from uffdsrv.core.pages import PAGE
 from uffdsrv.system.procfs import meminfo
 
-from .kernel import KernelSwap, MemCgroup, major_faults
+from .kernel import KernelSwap, MemCgroup, cached_bytes, major_faults
 from .procs import GIB, MIB, Faulter, Server, cpu_seconds
 
 ROUNDS = 3
@@ -97,7 +97,12 @@ def fault(plan, tmp: Path, step):
 
         def srv_reclaim():
             got = srv.reclaim(f.pid)
-            return {"reclaimed_pages": got // PAGE}
+            swap = srv.status()["swap"]
+            # Pages of the swap file in the page cache would be served from
+            # memory, not the device: say how many there are.
+            cached = cached_bytes(swap.get("path") or srv.dir / "swap")
+            return {"reclaimed_pages": got // PAGE, "io_mode": swap.get("io_mode"),
+                    "swap_file_cached_pages": None if cached is None else cached // PAGE}
 
         def srv_cpu(before, walk):
             now = cpu_seconds(srv.pid)
@@ -110,7 +115,9 @@ def fault(plan, tmp: Path, step):
     with Faulter(mib) as f:
         def ref_reclaim():
             o = f.refreclaim(refdir / "swap")
-            return {"reclaimed_pages": f.nfilled, "io_mode": o["io_mode"]}
+            cached = cached_bytes(refdir / "swap")
+            return {"reclaimed_pages": f.nfilled, "io_mode": o["io_mode"],
+                    "swap_file_cached_pages": None if cached is None else cached // PAGE}
 
         def ref_cpu(before, walk):
             # the handler starts at refreclaim and serves only this walk

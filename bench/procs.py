@@ -11,6 +11,7 @@ run's temporary directory.
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -153,13 +154,18 @@ class Server:
         try:
             return self.harness.status()
         except ctl.ControlError as e:
-            raise BenchError(f"uffdsrv status: {e}") from None
+            raise BenchError(f"uffdsrv status: {e}{self._log()}") from None
 
-    def request(self, cmd: str, timeout: float = 600, **fields) -> dict:
+    def request(self, cmd: str, timeout: float = 300, **fields) -> dict:
         try:
             return ctl.request(self.socket, cmd, timeout=timeout, **fields)
         except ctl.ControlError as e:
-            raise BenchError(f"uffdsrv {cmd}: {e}") from None
+            raise BenchError(f"uffdsrv {cmd}: {e}{self._log()}") from None
+
+    def _log(self) -> str:
+        """The end of the server's log, for an error that may be its fault."""
+        tail = self.harness.log_tail(12)
+        return f"\n--- {self.log} ---\n{tail}" if tail else ""
 
     def wait_client(self, pid: int, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
@@ -169,7 +175,7 @@ class Server:
             time.sleep(0.05)
         raise BenchError(f"pid {pid} never connected to the server")
 
-    def reclaim(self, pid: int, timeout: float = 600) -> int:
+    def reclaim(self, pid: int, timeout: float = 300) -> int:
         return self.request("reclaim", timeout=timeout, pid=pid,
                             keep_bytes=0)["reclaimed_bytes"]
 
@@ -220,9 +226,16 @@ class Faulter:
         self.pid = self.proc.pid
         self.gen = 1
 
-    def cmd(self, line: str) -> list[str]:
+    def cmd(self, line: str, timeout: float = 300) -> list[str]:
+        """One command, one answer line. A fault the server never serves
+        would block the faulter for ever: give up after timeout seconds."""
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
+        # The faulter writes one line per command and then waits: nothing is
+        # left in our read buffer between answers, so select() sees it all.
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise BenchError(f"faulter: no answer to {line!r} in {timeout:.0f} s")
         out = self.proc.stdout.readline().split()
         if not out or out[0] not in ("ok", "bye"):
             err = self.proc.stderr.read() if self.proc.poll() is not None else ""
@@ -263,7 +276,7 @@ class Faulter:
     def close(self) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(BenchError, OSError, ValueError):
-                self.cmd("exit")
+                self.cmd("exit", timeout=10)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:

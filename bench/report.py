@@ -267,12 +267,13 @@ def markdown(rows, rats, meta) -> str:
                "just before it)", ""]
         md += _table(["method", "pattern", "threads", "round", "rep", "pages/s", "faults",
                       "p50 µs", "p99 µs", "access p99 µs", "CPU s/GiB", "major faults",
-                      "SwapCached MiB", "left in swap cache"],
+                      "SwapCached MiB", "left in swap cache", "swap file pages cached"],
                      [[r["method"], r["pattern"], r["threads"], r.get("round", "–"),
                        r.get("rep", 0), r["pages_per_s"], r["faults"], r["p50_us"],
                        r["p99_us"], r["access_p99_us"], r.get("cpu_s_per_gib"),
                        r.get("major_faults"), r.get("swapcached_before_bytes", 0) / (1 << 20),
-                       r.get("still_in_swap_cache", "–")] for r in f])
+                       r.get("still_in_swap_cache", "–"),
+                       r.get("swap_file_cached_pages", "–")] for r in f])
     mg = _sel(rows, bench="manage")
     if mg:
         md += ["", "### manage (stress-ng, one instance, plain and under `uffdsrv run`, "

@@ -129,6 +129,11 @@ def test_c_reference_reads_with_o_direct(results):
     rows = [r for r in results["rows"] if r["bench"] == "fault" and r["method"] == "c-reference"]
     assert rows and all(r["io_mode"] == "direct" for r in rows), rows
     assert all(r["faults"] == r["pages"] for r in rows), "one fault per page, no readahead"
+    # written with O_DIRECT: none of its pages are left in the page cache
+    assert all(r["swap_file_cached_pages"] <= 0.01 * r["pages"] for r in rows), rows
+    for r in (r for r in results["rows"] if r["bench"] == "fault" and r["method"] == "uffdsrv"):
+        assert 0 <= r["swap_file_cached_pages"] <= r["mib"] * 256 + 64 * 256, r
+        assert r["io_mode"], r
 
 
 def test_kernel_swap_reads_the_device(results):
