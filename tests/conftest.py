@@ -47,6 +47,40 @@ def uffdsrv(*args, check=True, timeout=120) -> subprocess.CompletedProcess:
     return r
 
 
+# Every Server a test made: when the test (or the module, for a server of a
+# module-scoped fixture) ends, one still running is killed and its swap file
+# is removed, passed or failed. The server allocates its swap file's blocks
+# at start (fallocate), so a suite's worth of 1 GiB files left in pytest's
+# kept temp dirs fills the disk (it did: 77 GB).
+_SERVERS: list["Server"] = []
+
+
+def _clean_servers_since(start: int) -> None:
+    while len(_SERVERS) > start:
+        s = _SERVERS.pop()
+        if s.poll() is None and s.proc is not None:
+            s.kill()
+        try:
+            if os.path.isfile(s.swap):  # a block device given as swap stays
+                os.unlink(s.swap)
+        except OSError:
+            pass
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _remove_swap_files_of_the_module():
+    start = len(_SERVERS)
+    yield
+    _clean_servers_since(start)
+
+
+@pytest.fixture(autouse=True)
+def _remove_swap_files():
+    start = len(_SERVERS)
+    yield
+    _clean_servers_since(start)
+
+
 class Server(ServerProcess):
     """A server whose socket, swap file and log live in `tmp`, with the
     helpers tests use. A restart is a new Server on the same directory."""
@@ -58,6 +92,7 @@ class Server(ServerProcess):
         super().__init__(str(self.dir / "uffdsrv.sock"), swap or str(self.dir / "swap"),
                          parse_size(swap_size), state_dir=state_dir, extra_args=extra,
                          log_path=str(self.log))
+        _SERVERS.append(self)
 
     def start(self, timeout: float = 20) -> "Server":
         try:

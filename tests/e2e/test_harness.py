@@ -11,13 +11,25 @@ from uffdsrv.harness import ServerError, ServerProcess
 MIB = 1 << 20
 
 
-def make(tmp_path, **kw) -> ServerProcess:
-    return ServerProcess(str(tmp_path / "s.sock"), str(tmp_path / "swap"), 16 * MIB,
-                         log_path=str(tmp_path / "server.log"), **kw)
+@pytest.fixture
+def make(tmp_path):
+    """ServerProcess on tmp_path; its swap file is removed at the end."""
+    made = []
+
+    def new(**kw) -> ServerProcess:
+        s = ServerProcess(str(tmp_path / "s.sock"), str(tmp_path / "swap"), 16 * MIB,
+                          log_path=str(tmp_path / "server.log"), **kw)
+        made.append(s)
+        return s
+    yield new
+    for s in made:
+        s.kill()
+    if (tmp_path / "swap").exists():
+        (tmp_path / "swap").unlink()
 
 
-def test_start_status_request_stop(need_kernel, tmp_path):
-    s = make(tmp_path, state_dir=str(tmp_path / "state"), extra_args=["--log-level", "debug"])
+def test_start_status_request_stop(need_kernel, tmp_path, make):
+    s = make(state_dir=str(tmp_path / "state"), extra_args=["--log-level", "debug"])
     (tmp_path / "state").mkdir()
     t = time.monotonic()
     with s:
@@ -46,8 +58,8 @@ def test_a_server_that_cannot_start_says_why(need_kernel, tmp_path):
     assert s.poll() not in (None, 0)
 
 
-def test_stop_raises_when_the_server_does_not_exit(need_kernel, tmp_path):
-    s = make(tmp_path).start()
+def test_stop_raises_when_the_server_does_not_exit(need_kernel, make):
+    s = make().start()
     os.kill(s.pid, signal.SIGSTOP)  # SIGTERM stays pending; it never exits
     try:
         with pytest.raises(ServerError, match="did not stop within 1 s"):
@@ -58,13 +70,13 @@ def test_stop_raises_when_the_server_does_not_exit(need_kernel, tmp_path):
     assert s.poll() == -signal.SIGKILL  # killed, never left behind
 
 
-def test_kill_then_a_new_server_on_the_same_files(need_kernel, tmp_path):
-    s = make(tmp_path).start()
+def test_kill_then_a_new_server_on_the_same_files(need_kernel, make):
+    s = make().start()
     s.kill()
     assert s.poll() == -signal.SIGKILL
     with pytest.raises(ctl.Unreachable):
         s.status()
-    again = make(tmp_path).start()  # over the dead server's socket file
+    again = make().start()  # over the dead server's socket file
     try:
         assert again.status()["clients"] == []
     finally:
