@@ -11,6 +11,7 @@ Writes bench/results/results.json, results.md and *.png; `--json FILE`
 writes the JSON there too. A full `all` run also rewrites bench/RESULTS.md.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -116,8 +117,12 @@ def main(argv=None) -> int:
             for name in BENCHES:
                 if name in which:
                     b0 = time.monotonic()
-                    for row in getattr(runs, name)(plan, Path(tmp), step):
-                        rows.append(row)
+                    # closing(): an interrupt that lands between two rows
+                    # still runs the benchmark's own exits (servers stopped,
+                    # swapoff, cgroup removed) before tmp is deleted
+                    with contextlib.closing(getattr(runs, name)(plan, Path(tmp), step)) as gen:
+                        for row in gen:
+                            rows.append(row)
                     took[name] = round(time.monotonic() - b0, 1)
             progress.advance(task)
             progress.update(task, description="done")

@@ -156,7 +156,7 @@ class Server:
         except ctl.ControlError as e:
             raise BenchError(f"uffdsrv status: {e}{self._log()}") from None
 
-    def request(self, cmd: str, timeout: float = 300, **fields) -> dict:
+    def request(self, cmd: str, timeout: float = 120, **fields) -> dict:
         try:
             return ctl.request(self.socket, cmd, timeout=timeout, **fields)
         except ctl.ControlError as e:
@@ -175,7 +175,7 @@ class Server:
             time.sleep(0.05)
         raise BenchError(f"pid {pid} never connected to the server")
 
-    def reclaim(self, pid: int, timeout: float = 300) -> int:
+    def reclaim(self, pid: int, timeout: float = 120) -> int:
         return self.request("reclaim", timeout=timeout, pid=pid,
                             keep_bytes=0)["reclaimed_bytes"]
 
