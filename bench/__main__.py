@@ -41,7 +41,10 @@ its swap file with O_DIRECT, one page per fault, as the server's swap reads do.
 the C handler process, and for the kernel the faulter's system time minus that of
 the same walk with every page resident (the kernel's share of the fault; device
 interrupts that land on another task are not in it). (4) MemFree and Cached are
-machine-wide: anything else running moves them. (5) On a KVM guest with
+machine-wide: anything else running moves them. Since Linux 6.7 pages freed in a
+burst wait on the per-CPU free lists (up to ~188 MiB per CPU here), free but not
+in MemFree, and drain into it at a few MiB/s: the reclaim rows give MemFree alone
+(the target) and MemFree plus those lists. (5) On a KVM guest with
 paravirtual TLB flush, a flush aimed at a preempted vCPU is deferred without an
 IPI, so shootdown counts vary between runs; ratios within one run count. (6) The
 reclaim workload has every other page filled, so every reclaimed page is a range

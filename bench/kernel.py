@@ -191,37 +191,36 @@ class MemCgroup:
 
 
 def cached_bytes(path) -> int | None:
-    """Bytes of the file now in the page cache (what fincore tells): the
-    file mapped, not touched, and mincore() asked which pages are resident.
-    The swap file's own share of a page-cache growth, free of the noise
-    in the machine-wide Cached; None where it cannot be read."""
+    """Bytes of the file now in the page cache (what fincore tells, through
+    uffdsrv.system.swapdev: mincore over a mapping never touched). The swap
+    file's own share of a page-cache growth, free of the noise in the
+    machine-wide Cached; None where it cannot be read."""
     try:
+        from uffdsrv.system import swapdev
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+    except (OSError, ImportError):
         return None
     try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return 0
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_long)
-        libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-        libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            return None
-        try:
-            npages = (size + PAGE - 1) // PAGE
-            vec = ctypes.create_string_buffer(npages)
-            if libc.mincore(addr, size, vec) != 0:
-                return None
-            return sum(b & 1 for b in vec.raw) * PAGE
-        finally:
-            libc.munmap(addr, size)
+        return swapdev.cached_pages(fd) * PAGE
+    except OSError:
+        return None
     finally:
         os.close(fd)
+
+
+def pcp_free_bytes() -> int:
+    """Pages on the per-CPU free lists (`count:` of each pageset in
+    /proc/zoneinfo). Since Linux 6.7 the kernel grows those lists after a
+    burst of frees (to ~188 MiB per CPU here) and drains them into the buddy
+    allocator, all that MemFree counts, at a few MiB/s: pages a reclaim
+    freed sit there, free, for longer than 5 s."""
+    n = 0
+    with contextlib.suppress(OSError), open("/proc/zoneinfo") as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("count:"):
+                n += int(line.split()[1])
+    return n * PAGE
 
 
 def major_faults(pid: int) -> int:

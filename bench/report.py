@@ -104,6 +104,8 @@ def _reclaim_ratios(rows, add, absolute) -> None:
         absolute(f"reclaim ({sf}): MemFree gained / bytes reclaimed, uffdsrv",
                  _med(pm, "memfree_gain_ratio"), ">=", 0.9,
                  f"within {_med(pm, 'memfree_window_s')} s of reclaim returning")
+        absolute(f"reclaim ({sf}): MemFree + per-CPU free lists gained / bytes reclaimed, "
+                 "uffdsrv", _med(pm, "free_gain_ratio"))
         absolute(f"reclaim ({sf}): page-cache growth / bytes reclaimed, uffdsrv",
                  _med(pm, "page_cache_growth_ratio"), "<=", 0.1)
         absolute(f"reclaim ({sf}): swap file's pages in the page cache / bytes reclaimed, "
@@ -254,10 +256,12 @@ def markdown(rows, rats, meta) -> str:
                "MemFree gained within the window after reclaim returned, and page-cache "
                "growth, over the bytes reclaimed)", ""]
         md += _table(["method", "swap file", "pages", "pages/s", "TLB/page", "CPU s/GiB",
-                      "MemFree gain ratio", "page-cache growth ratio", "swap-cache growth ratio",
+                      "MemFree gain ratio", "+ per-CPU lists", "page-cache growth ratio",
+                      "swap-cache growth ratio",
                       "swap file cached ratio", "io mode"],
                      [[r["method"], r["swap_file"], r["pages"], r["pages_per_s"],
                        r["tlb_per_page"], r["cpu_s_per_gib"], r.get("memfree_gain_ratio"),
+                       r.get("free_gain_ratio"),
                        r.get("page_cache_growth_ratio"), r.get("swap_cache_growth_ratio"),
                        r.get("swap_file_cached_ratio"), r.get("io_mode", "–")] for r in rc])
     f = _sel(rows, bench="fault")

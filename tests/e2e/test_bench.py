@@ -95,7 +95,8 @@ def test_reclaim_rows(results):
         _finite_nonneg(r, "tlb_per_page")
         assert r["pages"] > 0, r
         # machine-wide figures: anything else running moves them, either way
-        _finite(r, "memfree_gain_ratio", "page_cache_growth_ratio", "swap_cache_growth_ratio")
+        _finite(r, "memfree_gain_ratio", "free_gain_ratio", "page_cache_growth_ratio",
+                "swap_cache_growth_ratio")
         assert r["memfree_gain_bytes"] == round(r["memfree_gain_ratio"] * r["pages"] * 4096), r
     for r in rows:
         if r["method"] != "pageout":
