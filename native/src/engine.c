@@ -49,6 +49,8 @@ struct uffdio_writeprotect {
 #define RA_MAX 32
 #define NSTREAMS 8
 #define ENGINE_TAG (1ULL << 63)
+#define UFFD_TAG (1ULL << 62) /* with ENGINE_TAG: a read of a client's uffd */
+#define CANCEL_TAG (1ULL << 61)
 #define JREC 32
 #define J_FREE 8
 enum { S_EMPTY, S_RESIDENT, S_INFLIGHT, S_SWAPPED, S_LOADING };
@@ -77,6 +79,8 @@ struct ufs_eclient {
     struct stream st[NSTREAMS];
     uint64_t tick;
     int loads, closed;
+    char *rbuf; /* two halves: a read goes into one while the other is served */
+    int rlen, half, reading;
 };
 
 struct load {
@@ -100,7 +104,7 @@ struct ufs_engine {
     struct load *loads;
     int *freel;
     unsigned poll_us;
-    int queued;
+    int queued, depth;
     uint64_t stats[UFS_ENGINE_NSTATS];
     struct ufs_eout *out;
     int nout, capout;
@@ -179,9 +183,12 @@ void ufs_engine_stats(struct ufs_engine *e, uint64_t *out) {
 }
 
 struct ufs_eclient *ufs_engine_client(struct ufs_engine *e, uint32_t id, int uffd, uint32_t cid,
-                                      uint64_t beacon, uint64_t *counters) {
+                                      uint64_t beacon, uint64_t *counters, void *readbuf,
+                                      int readlen) {
     struct ufs_eclient *c = calloc(1, sizeof *c);
     if (!c) return NULL;
+    c->rbuf = readbuf;
+    c->rlen = readlen;
     c->e = e;
     c->id = id;
     c->uffd = uffd;
@@ -208,7 +215,29 @@ void ufs_engine_close(struct ufs_eclient *c) {
     c->reg = NULL;
     c->nreg = 0;
     c->cnt = NULL;
-    if (!c->loads) free(c);
+    c->rbuf = NULL;
+    if (c->reading) { /* its completion (-ECANCELED) frees it */
+        struct io_uring_sqe *sqe = ufs_ring_sqe(c->e->ring);
+        if (sqe) {
+            io_uring_prep_cancel64(sqe, ENGINE_TAG | UFFD_TAG | (uintptr_t)c, 0);
+            io_uring_sqe_set_data64(sqe, ENGINE_TAG | CANCEL_TAG);
+            ufs_ring_submit(c->e->ring);
+        }
+    }
+    if (!c->loads && !c->reading) free(c);
+}
+
+int ufs_engine_arm(struct ufs_eclient *c) {
+    if (c->closed) return -ESRCH;
+    if (c->reading) return 0;
+    struct io_uring_sqe *sqe = ufs_ring_sqe(c->e->ring);
+    if (!sqe) return -EBUSY;
+    c->half ^= 1;
+    io_uring_prep_read(sqe, c->uffd, c->rbuf + c->half * c->rlen, c->rlen, 0);
+    io_uring_sqe_set_data64(sqe, ENGINE_TAG | UFFD_TAG | (uintptr_t)c);
+    c->reading = 1;
+    c->e->queued++;
+    return 0;
 }
 
 /* --- outputs ------------------------------------------------------------ */
@@ -548,11 +577,20 @@ unpin:
     L->c = NULL;
     e->freel[e->nfree++] = (int)(L - e->loads);
     e->inflight--;
-    if (--c->loads == 0 && c->closed) free(c);
+    if (--c->loads == 0 && c->closed && !c->reading) free(c);
 }
+
+static void uffd_read(struct ufs_engine *e, struct ufs_eclient *c, int32_t res);
 
 static void complete(void *ctx, uint64_t ud, int32_t res) {
     struct ufs_engine *e = ctx;
+    if (ud & CANCEL_TAG) return;
+    if (ud & UFFD_TAG) {
+        e->depth++;
+        uffd_read(e, (struct ufs_eclient *)(uintptr_t)(ud & ~(ENGINE_TAG | UFFD_TAG)), res);
+        e->depth--;
+        return;
+    }
     uint64_t li = (ud & ~ENGINE_TAG) >> 16;
     if (li >= (uint64_t)e->nloads || !e->loads[li].c) {
         e->stats[UFS_ESTAT_STRAY]++;
@@ -562,7 +600,9 @@ static void complete(void *ctx, uint64_t ud, int32_t res) {
     int want = (ud & 0xFF) * PAGE;
     if (res != want && !L->bad) L->bad = res < 0 ? res : -EIO;
     if (L->pending) L->pending--;
+    e->depth++;
     if (!L->pending) finish(e, L);
+    e->depth--;
 }
 
 /* --- serving faults ---------------------------------------------------------- */
@@ -677,19 +717,60 @@ static void settle_ring(struct ufs_engine *e, int reads) {
         uint64_t until = now_ns() + e->poll_us * 1000ULL;
         while (!ufs_ring_ready(e->ring) && now_ns() < until) __builtin_ia32_pause();
     }
-    /* reads served from cache complete inside the submit */
-    ufs_ring_dispatch(e->ring);
+    /* reads served from cache complete inside the submit (not from inside
+     * a completion: the harvest that runs it goes on until the CQ is empty) */
+    if (!e->depth) ufs_ring_dispatch(e->ring);
+}
+
+static int has_events(const struct uffd_msg *m, int n) {
+    for (int k = 0; k < n; k++)
+        if (m[k].event != UFFD_EVENT_PAGEFAULT) return 1;
+    return 0;
+}
+
+static void serve(struct ufs_eclient *c, const struct uffd_msg *m, int n, uint64_t t_ns,
+                  int flags);
+
+/* A read of the uffd completed: the next one goes out at once (into the
+ * other half), and the faults are served here; a read that holds events
+ * goes to Python whole, and the next read waits until it is applied. */
+static void uffd_read(struct ufs_engine *e, struct ufs_eclient *c, int32_t res) {
+    c->reading = 0;
+    if (c->closed) {
+        if (!c->loads) free(c);
+        return;
+    }
+    if (res == -EAGAIN || res == -EINTR) {
+        if (!ufs_engine_arm(c)) ufs_ring_submit(e->ring);
+        return;
+    }
+    if (res < 0) {
+        out(e, c, UFS_OUT_UFFD_ERR, 0, 0, 0, res);
+        return;
+    }
+    const struct uffd_msg *m = (const void *)(c->rbuf + c->half * c->rlen);
+    int n = res / (int)sizeof *m;
+    if (has_events(m, n)) {
+        out(e, c, UFS_OUT_EVENTS, (uintptr_t)m, res, 0, 0);
+        return;
+    }
+    ufs_engine_arm(c);
+    serve(c, m, n, now_ns(), 0);
 }
 
 int ufs_engine_serve(struct ufs_eclient *c, const void *msgs, int nbytes, uint64_t t_ns,
-                     int skip_events) {
-    struct ufs_engine *e = c->e;
+                     int flags) {
     const struct uffd_msg *m = msgs;
     int n = nbytes / (int)sizeof *m;
     if (c->closed) return 0;
-    if (!skip_events)
-        for (int k = 0; k < n; k++)
-            if (m[k].event != UFFD_EVENT_PAGEFAULT) return UFS_ENGINE_EVENTS;
+    if (!(flags & UFS_SERVE_SKIP_EVENTS) && has_events(m, n)) return UFS_ENGINE_EVENTS;
+    serve(c, m, n, t_ns, flags);
+    return c->e->pending;
+}
+
+static void serve(struct ufs_eclient *c, const struct uffd_msg *m, int n, uint64_t t_ns,
+                  int flags) {
+    struct ufs_engine *e = c->e;
     struct run_list zero, wp;
     int reads = 0;
     for (int k0 = 0; k0 < n; k0 += 256) {
@@ -700,7 +781,7 @@ int ufs_engine_serve(struct ufs_eclient *c, const void *msgs, int nbytes, uint64
             uint64_t addr = m[k].arg.pagefault.address & ~(PAGE - 1);
             uint64_t flags = m[k].arg.pagefault.flags;
             uint32_t tid = m[k].arg.pagefault.feat.ptid;
-            count(c, UFS_C_FAULTS, 1);
+            if (!(flags & UFS_SERVE_NOT_READ)) count(c, UFS_C_FAULTS, 1);
             if (addr == c->beacon) {
                 out(e, c, UFS_OUT_HAND, addr, flags, tid, 0);
                 continue;
@@ -756,7 +837,6 @@ int ufs_engine_serve(struct ufs_eclient *c, const void *msgs, int nbytes, uint64
         if (zero.n) zero_fill(c, &zero, t_ns);
     }
     settle_ring(e, reads);
-    return e->pending;
 }
 
 int ufs_engine_restore(struct ufs_eclient *c, uint64_t start, uint64_t end, int max_loads) {

@@ -89,6 +89,8 @@ enum {
     UFS_ENGINE_OUT = 1, UFS_ENGINE_JOURNAL = 2, UFS_ENGINE_DIRTY = 4, UFS_ENGINE_EVENTS = 8,
     UFS_ENGINE_NSAMPLES = 2048,
     UFS_OUT_HAND = 0, UFS_OUT_RETRY = 1, UFS_OUT_FAILED = 2, UFS_OUT_ERROR = 3, UFS_OUT_READ = 4,
+    UFS_OUT_EVENTS = 5, UFS_OUT_UFFD_ERR = 6, /* a read of the uffd: addr, flags = buffer, bytes */
+    UFS_SERVE_SKIP_EVENTS = 1, UFS_SERVE_NOT_READ = 2,
     UFS_OP_COPY = 0, UFS_OP_ZEROPAGE = 1, UFS_OP_UNPROTECT = 2,
     UFS_KIND_ZERO = 0, UFS_KIND_UNPROTECT = 1, UFS_KIND_SWAP = 2,
     /* per-client counters (a uint64_t array of Python's) */
@@ -110,13 +112,16 @@ void ufs_engine_set_poll(struct ufs_engine *e, unsigned poll_us);
 int ufs_engine_busy(struct ufs_engine *e);
 void ufs_engine_stats(struct ufs_engine *e, uint64_t *out);
 struct ufs_eclient *ufs_engine_client(struct ufs_engine *e, uint32_t id, int uffd, uint32_t cid,
-                                      uint64_t beacon, uint64_t *counters);
+                                      uint64_t beacon, uint64_t *counters, void *readbuf,
+                                      int readlen);
+int ufs_engine_arm(struct ufs_eclient *c);
 void ufs_engine_publish(struct ufs_eclient *c, const struct ufs_region *regions, int n,
                         uint32_t cid, uint64_t beacon);
 void ufs_engine_close(struct ufs_eclient *c);
 int ufs_engine_serve(struct ufs_eclient *c, const void *msgs, int nbytes, uint64_t t_ns,
-                     int skip_events);
+                     int flags);
 int ufs_engine_restore(struct ufs_eclient *c, uint64_t start, uint64_t end, int max_loads);
 int ufs_engine_view(struct ufs_engine *e, struct ufs_eview *v);
+int ufs_ring_ready(struct ufs_ring *r); /* CQEs waiting (a harvest stopped early) */
 void ufs_engine_consumed(struct ufs_engine *e, int what);
 #endif

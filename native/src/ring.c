@@ -257,8 +257,10 @@ int ufs_ring_dispatch(struct ufs_ring *r) {
 
 int ufs_ring_harvest(struct ufs_ring *r, uint64_t *user_data, int32_t *res, int max) {
     struct io_uring_cqe *cqes[256];
-    int got = 0;
-    while (got < max) {
+    int got = 0, routed = 0;
+    /* routed completions can go on for ever (the engine serves a fault,
+     * the next is there): give Python its turn now and then */
+    while (got < max && routed < 4096) {
         unsigned want = max - got < 256 ? max - got : 256;
         unsigned k = io_uring_peek_batch_cqe(&r->ring, cqes, want);
         if (!k) break;
@@ -274,6 +276,7 @@ int ufs_ring_harvest(struct ufs_ring *r, uint64_t *user_data, int32_t *res, int 
         for (unsigned i = 0; i < k; i++) {
             if (r->route && (uds[i] & r->route_tag)) {
                 r->route(r->route_ctx, uds[i], rs[i]);
+                routed++;
             } else {
                 user_data[got] = uds[i];
                 res[got] = rs[i];

@@ -34,6 +34,9 @@ OUT, JOURNAL, DIRTY, EVENTS = (lib.UFS_ENGINE_OUT, lib.UFS_ENGINE_JOURNAL, lib.U
                                lib.UFS_ENGINE_EVENTS)
 HAND, RETRY, FAILED, ERROR, READ = (lib.UFS_OUT_HAND, lib.UFS_OUT_RETRY, lib.UFS_OUT_FAILED,
                                     lib.UFS_OUT_ERROR, lib.UFS_OUT_READ)
+EVENT_READ, UFFD_ERROR = lib.UFS_OUT_EVENTS, lib.UFS_OUT_UFFD_ERR
+SKIP_EVENTS, NOT_READ = lib.UFS_SERVE_SKIP_EVENTS, lib.UFS_SERVE_NOT_READ
+READ_BYTES = 64 * 32  # one read of the uffd: 64 struct uffd_msg
 OPS = {lib.UFS_OP_COPY: "UFFDIO_COPY", lib.UFS_OP_ZEROPAGE: "UFFDIO_ZEROPAGE",
        lib.UFS_OP_UNPROTECT: "UFFDIO_WRITEPROTECT"}
 SAMPLE_KINDS = {lib.UFS_KIND_ZERO: "zero", lib.UFS_KIND_UNPROTECT: "write_protect",
@@ -56,8 +59,12 @@ class Handle:
         self.engine, self.id = engine, hid
         self.counters = np.zeros(lib.UFS_C_N, dtype=np.uint64)
         self.last = self.counters.copy()  # what was already turned into metrics
+        # two halves: the engine reads the uffd into one while it serves
+        # the other (kept until the engine frees the client: see close)
+        self.read_buf = ffi.new("char[]", 2 * READ_BYTES)
         self._c = lib.ufs_engine_client(engine._e, hid, uffd, 0, 0,
-                                        ffi.from_buffer("uint64_t[]", self.counters))
+                                        ffi.from_buffer("uint64_t[]", self.counters),
+                                        self.read_buf, READ_BYTES)
         if self._c == ffi.NULL:
             raise MemoryError("ufs_engine_client")
         self.pages = None
@@ -93,12 +100,19 @@ class Handle:
         self._table, self._regions = table, regions
         self.pages, self.generation, self.ident = pages, pages.generation, (cid, beacon)
 
-    def serve(self, msgs, nbytes: int, t_ns: int, skip_events: bool = False) -> int:
+    def arm(self) -> None:
+        """Queue the next read of the uffd (the engine serves what it reads
+        and re-arms by itself; a read holding events comes to Python as an
+        EVENT_READ out entry, and the reads stop until arm() again)."""
+        check(lib.ufs_engine_arm(self._c), "io_uring read of the uffd")
+
+    def serve(self, msgs, nbytes: int, t_ns: int, flags: int = 0) -> int:
         """Serve the page faults of a read; returns the engine's pending bits
-        (EVENTS: the read holds events and nothing was done)."""
+        (EVENTS: the read holds events and nothing was done). flags:
+        SKIP_EVENTS (they were applied), NOT_READ (faults read earlier)."""
         if not isinstance(msgs, ffi.CData):
             msgs = ffi.from_buffer(msgs)
-        return lib.ufs_engine_serve(self._c, msgs, nbytes, t_ns, int(skip_events))
+        return lib.ufs_engine_serve(self._c, msgs, nbytes, t_ns, flags)
 
     def restore(self, start: int, end: int, max_loads: int = 1 << 30) -> int:
         """Queue reads for the swapped pages of [start, end); pages queued."""
@@ -109,6 +123,12 @@ class Handle:
             lib.ufs_engine_close(self._c)
             self._c = None
             self._table, self._regions, self.pages = None, (), None
+            # a read of the uffd may still be on its way into read_buf (it
+            # is cancelled): the engine keeps the buffer until it is done
+            # (its cancel completes within a harvest or two; 64 closes later
+            # it is long done)
+            self.engine._graveyard.append(self.read_buf)
+            del self.engine._graveyard[:-64]
 
 
 class Engine:
@@ -124,6 +144,8 @@ class Engine:
         self.handles: dict[int, Handle] = {}
         self._slots = None
         self._stats = ffi.new("uint64_t[]", lib.UFS_ENGINE_NSTATS)
+        self._graveyard: list = []  # read buffers of closed clients
+
 
     def set_swap(self, fd: int, slots, rw_flags: int = 0, report_reads: bool = False) -> None:
         """The swap file and its slot counts (the engine releases slots in

@@ -180,6 +180,10 @@ class Ring:
             if n <= 0:
                 if self.after_harvest is not None:
                     self.after_harvest()
+                if self._loop is not None and lib.ufs_ring_ready(self._r):
+                    # the C harvest gave the loop its turn in a storm of
+                    # faults it serves itself: come back for the rest
+                    self._loop.call_soon(self.harvest)
                 return done
             uds, res = self._ud[:n].tolist(), self._res[:n].tolist()
             for ud, r in zip(uds, res):
