@@ -173,7 +173,8 @@ def free_port() -> int:
 def test_status_metric_and_log_carry_the_kernel(k, tmp_path, monkeypatch):
     monkeypatch.setenv("UFFDSRV_KERNEL_HIDE", "pagemap_scan")
     port = free_port()
-    s = Server(tmp_path, swap_size="16M", extra=["--metrics-addr", f"127.0.0.1:{port}"]).start()
+    s = Server(tmp_path, swap_size="16M", extra=["--metrics-addr", f"127.0.0.1:{port}"])
+    s.start(timeout=60)  # TCG in the VM is slow
     try:
         st = s.status()["kernel"]
         assert st["release"] == os.uname().release
@@ -250,7 +251,7 @@ def test_every_zap_path_drops_pages_that_come_back_right(k, tmp_path, force):
     if force:
         env["UFFDSRV_AGENT_ZAP"] = force
     npages = 512
-    s = Server(tmp_path, swap_size="16M").start()
+    s = Server(tmp_path, swap_size="16M").start(timeout=60)
     p = subprocess.Popen([PY, str(prog), s.socket, str(npages)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
