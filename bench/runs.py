@@ -195,6 +195,7 @@ def reclaim(plan: Plan, tmp: Path, step):
                                                   else float("nan"))
                 yield _reclaim_row(zap_mode, got // PAGE, secs, tlb, cpu,
                                    {"swap_file": swap_file, "mib": mib, "layout": "every 2nd page",
+                                    "filled_pages": f.nfilled,
                                     "busy_threads": BUSY, "zap_mode": zap_mode,
                                     "io_mode": io_mode, **back})
     with KernelSwap(tmp, mib * MIB // 2 + 16 * MIB), Faulter(mib, stride=2, busy=BUSY) as f:
@@ -210,6 +211,7 @@ def reclaim(plan: Plan, tmp: Path, step):
             back = given_back(m0, swapped * PAGE, window)
             yield _reclaim_row("pageout", swapped, secs, tlb, cpu,
                                {"swap_file": swap_file, "mib": mib, "layout": "every 2nd page",
+                                    "filled_pages": f.nfilled,
                                 "busy_threads": BUSY, "still_in_swap_cache": int(o[4]), **back})
 
 
