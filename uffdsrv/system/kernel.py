@@ -81,8 +81,8 @@ FEATURES = {
     "process_madvise_self": (False, "the agent zaps through a pidfd of its own"),
     "process_madvise_dontneed": (False, "the agent zaps with one madvise per merged range: "
                                         "a TLB shootdown per range, not per batch"),
-    "uffdio_poison": (False, "an unreadable swap slot ends in a SIGBUS sent to the faulting "
-                             "thread (tgkill), not a poisoned page table entry"),
+    "uffdio_poison": (False, "the SIGBUS for an unreadable swap slot is a signal sent "
+                             "through the program's pidfd (no si_addr), not a poisoned PTE"),
     "pagemap_scan": (False, "page presence is read from /proc/PID/pagemap entries"),
     "rwf_dontcache": (False, "a swap file without O_DIRECT is written buffered, then "
                              "sync_file_range + POSIX_FADV_DONTNEED"),
