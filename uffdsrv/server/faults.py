@@ -153,10 +153,9 @@ class FaultPath:
             h.publish(client.pages, client.cid, client.beacon)
 
     def _refresh_all(self) -> None:
-        # Completions look pages up in the current table: republish what
-        # changed (a munmap, a region added) since the engine last ran.
-        if not self.engine.busy:
-            return
+        # The engine serves the reads it harvests and looks completions up
+        # in the current table: republish what changed (a munmap, a region
+        # added) since it last ran.
         for c in self._clients.values():
             h = c.engine
             if h is not None and not c.closed:
