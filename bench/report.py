@@ -109,7 +109,9 @@ def _reclaim_ratios(rows, add, absolute) -> None:
             invalid=bool(short))
         absolute(f"reclaim ({sf}): MemFree gained / bytes reclaimed, uffdsrv",
                  _med(pm, "memfree_gain_ratio"), ">=", 0.9,
-                 f"within {_med(pm, 'memfree_window_s')} s of reclaim returning")
+                 f"within {_med(pm, 'memfree_window_s')} s of reclaim returning; MemFree "
+                 f"moved by {_fmt(_med(pm, 'memfree_noise_ratio'))} of it in as long "
+                 "before, by itself")
         absolute(f"reclaim ({sf}): MemFree + per-CPU free lists gained / bytes reclaimed, "
                  "uffdsrv", _med(pm, "free_gain_ratio"))
         absolute(f"reclaim ({sf}): page-cache growth / bytes reclaimed, uffdsrv",
@@ -287,12 +289,13 @@ def markdown(rows, rats, meta) -> str:
                "growth, over the bytes reclaimed)", ""]
         md += _table(["method", "swap file", "pages", "pages/s", "TLB/page", "CPU s/GiB",
                       "MemFree gain ratio", "+ per-CPU lists", "page-cache growth ratio",
-                      "swap-cache growth ratio",
+                      "swap-cache growth ratio", "MemFree noise ratio",
                       "swap file cached ratio", "io mode"],
                      [[r["method"], r["swap_file"], r["pages"], r["pages_per_s"],
                        r["tlb_per_page"], r["cpu_s_per_gib"], r.get("memfree_gain_ratio"),
                        r.get("free_gain_ratio"),
                        r.get("page_cache_growth_ratio"), r.get("swap_cache_growth_ratio"),
+                       r.get("memfree_noise_ratio"),
                        r.get("swap_file_cached_ratio"), r.get("io_mode", "–")] for r in rc])
     f = _sel(rows, bench="fault")
     if f:

@@ -130,6 +130,25 @@ def memory_now() -> dict:
     return m
 
 
+def before(window: float) -> dict:
+    """memory_now() at the end of `window` seconds of watching it with
+    nothing of ours running: "_range" holds how far MemFree and Free moved
+    meanwhile (max - min), the machine's own noise, against which a gain
+    measured over the same window after a reclaim can be read."""
+    deadline = time.monotonic() + window
+    lo = hi = None
+    while True:
+        m = memory_now()
+        pair = (m["MemFree"], m["Free"])
+        lo = pair if lo is None else tuple(map(min, lo, pair))
+        hi = pair if hi is None else tuple(map(max, hi, pair))
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    m["_range"] = (hi[0] - lo[0], hi[1] - lo[1])
+    return m
+
+
 def given_back(m0: dict, nbytes: int, window: float) -> dict:
     """What the machine got back from a reclaim of nbytes that just
     returned, m0 being memory_now() just before it: the most MemFree gained
@@ -154,7 +173,9 @@ def given_back(m0: dict, nbytes: int, window: float) -> dict:
     return {"memfree_gain_bytes": best, "memfree_gain_ratio": ratio(best),
             "free_gain_ratio": ratio(best_free),
             "page_cache_growth_bytes": cache, "page_cache_growth_ratio": ratio(cache),
-            "swap_cache_growth_ratio": ratio(swc), "memfree_window_s": window}
+            "swap_cache_growth_ratio": ratio(swc), "memfree_window_s": window,
+            "memfree_noise_ratio": ratio(m0["_range"][0]) if "_range" in m0 else float("nan"),
+            "free_noise_ratio": ratio(m0["_range"][1]) if "_range" in m0 else float("nan")}
 
 
 def reclaim(plan: Plan, tmp: Path, step):
@@ -178,7 +199,7 @@ def reclaim(plan: Plan, tmp: Path, step):
                 step(f"reclaim: uffdsrv --zap-mode {zap_mode}, {swap_file} swap file")
                 if swap_file == "reused":
                     f.refill()  # faults every page back in, and dirties it
-                m0 = memory_now()
+                m0 = before(window)
                 t0 = _tlb()
                 c0 = cpu_seconds(srv.pid) + cpu_seconds(f.pid)
                 s0 = time.perf_counter()
@@ -203,7 +224,7 @@ def reclaim(plan: Plan, tmp: Path, step):
             step(f"reclaim: kernel MADV_PAGEOUT, {swap_file} swap file")
             if swap_file == "reused":
                 f.refill()
-            m0 = memory_now()
+            m0 = before(window)
             c0 = cpu_seconds(f.pid)
             o = f.cmd("pageout")
             cpu = cpu_seconds(f.pid) - c0

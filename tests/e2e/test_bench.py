@@ -97,6 +97,7 @@ def test_reclaim_rows(results):
         # machine-wide figures: anything else running moves them, either way
         _finite(r, "memfree_gain_ratio", "free_gain_ratio", "page_cache_growth_ratio",
                 "swap_cache_growth_ratio")
+        _finite_nonneg(r, "memfree_noise_ratio", "free_noise_ratio")
         assert r["memfree_gain_bytes"] == round(r["memfree_gain_ratio"] * r["pages"] * 4096), r
     for r in rows:
         if r["method"] != "pageout":
