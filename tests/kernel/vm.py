@@ -320,6 +320,11 @@ def main() -> int:
     m = re.search(r'tests="(\d+)"', junit)
     say(f"subset exit code {rc} ({m.group(1) if m else '?'} tests) in "
         f"{time.monotonic() - t0:.0f} s; guest log in {OUT / 'guest.log'}")
+    if rc == 0:  # the scratch disk holds ~600 MB; kept only to look into a failure
+        (BUILD / "scratch.img").unlink(missing_ok=True)
+        shutil.rmtree(BUILD / "stage", ignore_errors=True)
+    else:
+        say(f"the guest's files stay in {BUILD / 'scratch.img'} (read with debugfs)")
     return rc
 
 
