@@ -48,6 +48,7 @@ struct uffdio_writeprotect {
 #define PAGE 4096ULL
 #define RA_MAX 32
 #define NSTREAMS 8
+#define POLL_MAX_PAGES 4 /* spin after queueing at most this many pages */
 #define ENGINE_TAG (1ULL << 63)
 #define UFFD_TAG (1ULL << 62) /* with ENGINE_TAG: a read of a client's uffd */
 #define CANCEL_TAG (1ULL << 61)
@@ -713,7 +714,9 @@ static void settle_ring(struct ufs_engine *e, int reads) {
     if (!e->queued) return;
     e->queued = 0;
     ufs_ring_submit(e->ring);
-    if (reads && e->poll_us) { /* a read from cache or a fast device: catch it here */
+    /* a small read (a random fault) completes in about the time a wake-up
+     * of the loop costs here: catch it spinning; a readahead takes longer */
+    if (reads > 0 && reads <= POLL_MAX_PAGES && e->poll_us) {
         uint64_t until = now_ns() + e->poll_us * 1000ULL;
         while (!ufs_ring_ready(e->ring) && now_ns() < until) __builtin_ia32_pause();
     }
@@ -817,7 +820,7 @@ static void serve(struct ufs_eclient *c, const struct uffd_msg *m, int n, uint64
                                                   tid, t_ns, 0, s);
                 if (got > 0) {
                     count(c, UFS_C_SWAP, 1);
-                    reads = 1;
+                    reads += got;
                 } else if (s < 0 && !e->nfree) {
                     count(c, UFS_C_BUSY, 1); /* every buffer busy: on the next turn */
                     out(e, c, UFS_OUT_RETRY, addr, flags, tid, 0);

@@ -46,7 +46,9 @@ log = logging.getLogger("uffdsrv.faults")
 # completion wakes the loop: on this 2-CPU VM the wake-up costs more than
 # the read. Random fault-in, 1 thread, against the C reference in one run:
 # 0 µs 0.5-0.6x its pages/s (p50 128-140 µs), 30 µs 1.2-1.4x (p50 61 µs),
-# 80 µs 1.6-1.7x (p50 52 µs, p99 110-151 µs against its 315-361 µs).
+# 80 µs 1.6-1.7x (p50 52 µs, p99 110-151 µs against its 315-361 µs). Only
+# after a read of at most 4 pages: spinning on readahead reads (longer)
+# halved sequential fault-in with 4 threads.
 POLL_US = int(os.environ.get("UFFDSRV_POLL_US", "80") or 0)
 TICK = 0.01
 __all__ = ["FaultPath", "MAX_READAHEAD", "now_ms"]
