@@ -14,22 +14,21 @@ import asyncio
 import concurrent.futures
 import errno
 import logging
-import mmap
 import os
 import resource
 import signal
 
 import numpy as np
 
-from .._native import ffi
 from ..core import journal, protocol
 from ..core.budgets import Budgets
-from ..core.pages import LOADING, PAGE, SWAPPED
-from ..system import proc, procfs, uffd
+from ..core.pages import PAGE
+from ..core.swapin import MAX_READAHEAD
+from ..system import kernel, proc, procfs, uffd
 from ..system.ring import Ring
 from .budget_loop import BudgetLoop
 from .control import ControlSocket, Handlers
-from .faults import MAX_READAHEAD, FaultPath
+from .faults import FaultPath
 from .journal_file import COMPACT_BYTES, JournalFile
 from .managed import AgentLink, ManagedProcess, Registry
 from .metrics import Metrics
@@ -82,11 +81,11 @@ class Server:
         self.ring.attach(loop)
         self.metrics.observe(self.clients, self.swap, self.ring)
         self.executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="copyout")
-        self.fault_pool = Pool(self.ring.arena_addr, reclaim_bytes, MAX_READAHEAD,
-                               FAULT_BUFFERS)
-        self.faults = FaultPath(self)
+        self.faults = FaultPath(loop, self.ring, self.swap, self.journal, self.metrics,
+                                (self.ring.arena_addr + reclaim_bytes, fault_bytes),
+                                on_fork=self.forked, on_beacon=self.beacon)
         self.regions = Regions(self.clients, self.journal, self.swap, self.min_region,
-                               self.restore, self.max_region)
+                               self.faults.restore, self.max_region)
         self.reclaimer = ReclaimPath(
             loop, self.ring, self.swap, self.journal, self.metrics,
             Pool(self.ring.arena_addr, 0, BATCH_PAGES, RECLAIM_BUFFERS), self.executor,
@@ -109,6 +108,9 @@ class Server:
             loop.add_signal_handler(sig, self.stopping.set)
         log.info("serving on %s, swap %s (%d MiB, io %s)", self.socket_path, self.swap.path,
                  self.swap.size >> 20, self.swap.io_mode)
+        k = kernel.current(os.path.dirname(os.path.abspath(self.swap.path)))
+        self.metrics.kernel(k.features)
+        log.log(logging.WARNING if k.missing() else logging.INFO, "%s", k.missing_line())
         tasks = [asyncio.ensure_future(t) for t in (
             self.regions.rescan_forever(), BudgetLoop(self.clients, self.reclaimer.reclaim).run(),
             self._compact_forever())]
@@ -127,7 +129,7 @@ class Server:
                 pass
         restored = 0
         for c in self.clients.all():
-            restored += await self.restore(c)
+            restored += await self.faults.restore(c)
             self.regions.unregister_all(c)
             self.release(c)
         self.ring.harvest()
@@ -270,51 +272,6 @@ class Server:
     def _serve_held(self, client: ManagedProcess, addrs) -> None:
         self.faults.serve(client, addrs, np.zeros(len(addrs), np.int64),
                           np.zeros(len(addrs), np.int64))
-
-    # --- putting pages back ------------------------------------------------------------
-    async def restore(self, client: ManagedProcess, start: int = 0, end: int = 1 << 64) -> int:
-        """Put every reclaimed page of the client (in [start, end)) back."""
-        view = mmap.mmap(-1, MAX_READAHEAD * PAGE)  # page-aligned, as O_DIRECT reads need
-        addr = int(ffi.cast("uintptr_t", ffi.from_buffer(view)))
-        restored = 0
-        for _ in range(100000):
-            if client.closed:
-                break
-            todo = False
-            for r, lo, hi in client.pages.overlapping(start, end):
-                idx = np.flatnonzero(r.state[lo:hi] == SWAPPED) + lo
-                todo = todo or bool(np.any(r.state[lo:hi] == LOADING))
-                for i in idx.tolist():
-                    if r.state[i] != SWAPPED:
-                        continue
-                    slot = int(r.slot[i])
-                    k = 1
-                    while (k < MAX_READAHEAD and i + k < hi and r.state[i + k] == SWAPPED
-                           and r.slot[i + k] == slot + k):
-                        k += 1
-                    chunk = memoryview(view)[:k * PAGE]
-                    if os.preadv(self.swap.fd, [chunk], slot * PAGE) != k * PAGE:
-                        log.error("pid %s: short read of swap slot %d", client.pid, slot)
-                        continue
-                    n, res = uffd.copy(client.uffd, [r.start + i * PAGE], [addr], [k * PAGE])
-                    got = int(res[0]) if n else -errno.EAGAIN
-                    done = k if got == -errno.EEXIST else max(got, 0) // PAGE
-                    if done:
-                        self.journal.add(journal.FREE, client.cid, r.start + i * PAGE, done)
-                        self.swap.slots.release(r.slot[i:i + done])
-                        r.slot[i:i + done] = -1
-                        r.state[i:i + done] = 1
-                        restored += done
-                    if done < k:
-                        todo = True
-                        if got == -errno.ESRCH:
-                            return restored
-            self.journal.flush()
-            if not todo:
-                break
-            self.ring.harvest()
-            await asyncio.sleep(0)
-        return restored
 
 
 def raise_nofile() -> None:

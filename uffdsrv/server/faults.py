@@ -23,7 +23,6 @@ at takeover: the page is present).
 import asyncio
 import collections
 import errno
-import inspect
 import logging
 import os
 import time
@@ -59,17 +58,11 @@ _ERROR_KINDS = ("eagain", "copy", "zeropage", "swap_read", "unprotect")
 
 
 class FaultPath:
-    def __init__(self, loop, ring=None, swap=None, journal_file=None, metrics=None,
-                 buffers: tuple[int, int] | None = None, on_fork=None, on_beacon=None):
-        if ring is None:
-            # FaultPath(server), until daemon.py passes its collaborators
-            server = loop
-            pool = server.fault_pool
-            base = min(pool._free)
-            buffers = (base, len(pool._free) * pool.pages_each * PAGE)
-            loop, ring, swap = server.loop, server.ring, server.swap
-            journal_file, metrics = server.journal, server.metrics
-            on_fork, on_beacon = server.forked, server.beacon
+    def __init__(self, loop, ring, swap, journal_file, metrics, buffers: tuple[int, int],
+                 on_fork, on_beacon):
+        """buffers: (address, bytes) of the ring arena's part the engine
+        reads swap slots into; on_fork(parent, uffd): a FORK event;
+        on_beacon(client, tid): a forked child touched its beacon page."""
         self.loop, self.ring, self.swap = loop, ring, swap
         self.journal, self.metrics = journal_file, metrics
         self.on_fork, self.on_beacon = on_fork, on_beacon
@@ -81,10 +74,6 @@ class FaultPath:
         self._tick_scheduled = False
         self._queue: collections.deque = collections.deque()
         self._handling = False
-        try:
-            self._fault_n = "n" in inspect.signature(metrics.fault).parameters
-        except (TypeError, ValueError):
-            self._fault_n = False
         ring.before_harvest = self._refresh_all
         ring.after_harvest = self._after
 
@@ -92,19 +81,17 @@ class FaultPath:
     def start(self, client: ManagedProcess) -> None:
         """Read the client's uffd: the engine keeps one read outstanding and
         serves what it reads."""
-        if getattr(client, "engine", None) is None:
+        if client.engine is None:
             client.engine = h = self.engine.client(client.uffd)
             client.read_buf = h.read_buf
             self._clients[h.id] = client
-            if not hasattr(client, "readahead_misses"):
-                client.readahead_misses = 0
         if not client.closed:
             self._fresh(client, client.engine)
             client.engine.arm()
             self.ring.flush()
 
     def stop(self, client: ManagedProcess) -> None:
-        h = getattr(client, "engine", None)
+        h = client.engine
         if h is not None:
             self._settle_counters(client, h)
             self.engine.forget(h)
@@ -147,9 +134,7 @@ class FaultPath:
     def _fresh(self, client: ManagedProcess, h) -> None:
         slots = self.swap.slots
         if slots is not self._slots:  # replaced after a journal replay
-            self.engine.set_swap(self.swap.fd, slots, getattr(self.swap, "rw_flags", 0),
-                                 getattr(self.swap, "io_mode", "direct") != "direct"
-                                 and hasattr(self.swap, "was_read"))
+            self.engine.set_swap(self.swap.fd, slots, self.swap.rw_flags, self.swap.drops_reads)
             self._slots = slots
         if h.stale(client.pages, client.cid, client.beacon):
             h.publish(client.pages, client.cid, client.beacon)
@@ -313,7 +298,7 @@ class FaultPath:
         m, d = self.metrics, h.delta()
         for kind, n in d.items():
             if kind in _FAULT_KINDS:
-                m.fault(kind, n) if self._fault_n else m.faults_total.labels(kind).inc(n)
+                m.fault(kind, n)
             elif kind in _ERROR_KINDS:
                 m.errors_total.labels(kind).inc(n)
         if d:
@@ -330,7 +315,7 @@ class FaultPath:
     def serve(self, client: ManagedProcess, addrs, flags, tids) -> None:
         """Serve faults read earlier (held by a batch that settled, or
         refused with EAGAIN), through the engine like any read."""
-        h = getattr(client, "engine", None)
+        h = client.engine
         if client.closed or h is None or not len(addrs):
             return
         msgs = np.zeros(len(addrs), dtype=uffd.MSG_DTYPE)
@@ -375,7 +360,7 @@ class FaultPath:
         """Put every reclaimed page of the client in [start, end) back, through
         the engine (the same reads and COPYs as a fault, with no readahead
         window and no heat). Returns the pages put back."""
-        h = getattr(client, "engine", None)
+        h = client.engine
         if h is None:
             return 0
         first = int(h.counters[eng.C["restored"]])

@@ -59,9 +59,9 @@ class ManagedProcess:
         self.beacon = 0
         self.auto_maps = False
         self.batches: dict = {}
+        self.engine = None  # its handle in the native fault engine
         self.read_buf = None
-        self.read_ud: int | None = None
-        self.retry: list = []  # faults to try again after events were read
+        self.retry: list = []  # (addr, flags, tid) to try again after events were read
         self.retry_scheduled = False
         self.reclaim_lock = asyncio.Lock()
         self.reclaim_cursor = 0
@@ -73,9 +73,9 @@ class ManagedProcess:
         self.faults_total = 0
         self.refaults = 0        # faults served from swap
         self.readahead_pages = 0  # pages brought along with them
+        self.readahead_misses = 0  # pages read ahead that nobody walked
         self.reclaimed_since_aging = 0
         self.budget: int | None = parent.budget if parent else None
-        self.readahead: dict[int, tuple[int, int]] = {}  # tid -> (next address, window)
         if pid is not None:
             self.comm = procfs.comm(pid)
 
@@ -94,6 +94,7 @@ class ManagedProcess:
                 "faults_total": self.faults_total,
                 "refaults_total": self.refaults,
                 "readahead_pages_total": self.readahead_pages,
+                "readahead_misses_total": self.readahead_misses,
                 "budget_bytes": self.budget,
                 "agent": self.agent is not None}
 

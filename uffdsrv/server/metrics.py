@@ -98,6 +98,9 @@ class Metrics:
                                      buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, .01, .025,
                                               .05, .1, .25, 1))
         self.clients = Gauge("uffdsrv_clients", "Connected managed processes", registry=r)
+        self.kernel_feature = Gauge("uffdsrv_kernel_feature",
+                                    "Kernel features probed at start: 1 present, 0 missing",
+                                    ["feature"], registry=r)
         self.fault_seconds = _BatchHistogram(
             "uffdsrv_fault_duration_seconds",
             "Fault service time, from reading the fault to resolving it, by how it was served",
@@ -112,6 +115,10 @@ class Metrics:
         self.http = None
         r.register(_StateCollector(self))
 
+    def kernel(self, features: dict[str, bool]) -> None:
+        for name, present in features.items():
+            self.kernel_feature.labels(name).set(1 if present else 0)
+
     def observe(self, clients, swap, ring) -> None:
         """What the figures read at scrape time come from."""
         self._clients, self._swap, self._ring = clients, swap, ring
@@ -122,11 +129,11 @@ class Metrics:
         log.info("metrics on http://%s:%d/metrics", host, port)
 
     # --- the fault path ----------------------------------------------------
-    def fault(self, kind: str) -> None:
+    def fault(self, kind: str, n: int = 1) -> None:
         child = self._fault_kinds.get(kind)
         if child is None:
             child = self._fault_kinds[kind] = self.faults_total.labels(kind)
-        child.inc()
+        child.inc(n)
 
     def fault_served(self, kind: str, n: int, seconds: float) -> None:
         """n faults of one batch served after `seconds`."""
@@ -243,6 +250,9 @@ class _StateCollector:
         readahead = CounterMetricFamily("uffdsrv_client_readahead_pages", "Pages brought back "
                                         "from swap along with a faulting one, per managed "
                                         "process", labels=labels)
+        misses = CounterMetricFamily("uffdsrv_client_readahead_misses", "Pages read ahead "
+                                     "that the program never walked (their stream was "
+                                     "dropped first), per managed process", labels=labels)
         budget = GaugeMetricFamily("uffdsrv_client_budget_bytes", "Budget of resident managed "
                                    "memory, per managed process that has one", labels=labels)
         totals = dict.fromkeys(kinds, 0)
@@ -263,12 +273,14 @@ class _StateCollector:
                     faults.add_metric(lv, s["faults_total"])
                     refaults.add_metric(lv, s["refaults_total"])
                     readahead.add_metric(lv, s["readahead_pages_total"])
+                    misses.add_metric(lv, s["readahead_misses_total"])
                     if s["budget_bytes"] is not None:
                         budget.add_metric(lv, s["budget_bytes"])
         yield from per_client.values()
         yield faults
         yield refaults
         yield readahead
+        yield misses
         yield budget
         for k in kinds:
             yield GaugeMetricFamily(f"uffdsrv_{k}_bytes", f"{what[k]}, all processes",

@@ -3,6 +3,7 @@ limit. Every field is checked here; a peer that is neither root nor the
 server's uid acts on, and sees, its own pid only (control.py tells which
 peer is privileged, from SO_PEERCRED)."""
 from ..core.pages import PAGE
+from ..system import kernel
 from .managed import Registry
 from .reclaim import NoAgent
 
@@ -59,7 +60,8 @@ class Requests:
         return {"clients": [c.status() for c in self.clients.all() if c.pid is not None],
                 "swap": {"path": swap.path, "size_bytes": swap.size,
                          "used_bytes": swap.slots.used * PAGE,
-                         "io_mode": swap.io_mode}}
+                         "io_mode": swap.io_mode},
+                "kernel": kernel.current().as_json()}
 
 
 def _is_int(v) -> bool:
