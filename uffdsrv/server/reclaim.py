@@ -29,6 +29,7 @@ from .managed import ManagedProcess
 
 log = logging.getLogger("uffdsrv.reclaim")
 BATCH_PAGES = 4096
+PIPELINE = 2  # batches of one client in flight at once
 AGENT_WAIT = 5.0  # seconds a reclaim request waits for a client's agent to come back
 MAX_GAP = 64  # absent pages a write-protect or zap range may step over
 WP_RETRY_SECONDS = 2.0  # how long a batch retries a write-protect the kernel answers EAGAIN
@@ -76,6 +77,10 @@ class ReclaimPath:
             # one pass: a program that keeps faulting pages back in must not
             # keep a reclaim request running for ever
             budget = client.pages.count(RESIDENT)
+            # Batches overlap: one copies out while the one before waits
+            # on the device or on its zap (a batch's pages are in flight,
+            # not resident, so the next one never picks them again).
+            running: set[asyncio.Future] = set()
             while not client.closed and budget > 0:
                 excess = client.pages.count(RESIDENT) - keep_bytes // PAGE
                 if excess <= 0:
@@ -91,16 +96,24 @@ class ReclaimPath:
                     client.reclaimed_since_aging = 0
                     policy.age(client.pages)
                 client.reclaim_cursor = region.start + (int(idx[-1]) + 1) * PAGE
-                got = await self.batch(client, region, idx)
+                # the batch takes its pages now, before the next choice
+                b = Batch(region, idx)
+                client.batches[b.id] = b
+                running.add(asyncio.ensure_future(self.batch(client, region, idx, b)))
+                if len(running) < PIPELINE:
+                    continue
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                got = sum(t.result() for t in done)
                 reclaimed += got
                 if got == 0 and self.swap.slots.free == 0:
                     break
+            if running:
+                reclaimed += sum(await asyncio.gather(*running))
         return reclaimed
 
-    async def batch(self, client: ManagedProcess, region, idx: np.ndarray) -> int:
+    async def batch(self, client: ManagedProcess, region, idx: np.ndarray, b: Batch) -> int:
+        """Reclaim the pages idx of region, which batch b holds."""
         t0 = time.monotonic()
-        b = Batch(region, idx)
-        client.batches[b.id] = b
         pages, slots = client.pages, self.swap.slots
         buf = None
         reclaimed = 0
