@@ -67,6 +67,8 @@ SUBSET = [
     "tests/e2e/test_workload.py::test_fork_child_sees_reclaimed_pages",
     "tests/e2e/test_workload.py::test_partial_reclaim_keeps_budget",
     "tests/e2e/test_workload.py::test_program_dontneed_reads_zeros_not_stale_swap",
+    "tests/e2e/test_workload.py::test_fork_then_both_sides_reclaimed_and_written",
+    "tests/e2e/test_workload.py::test_munmap_and_mremap_of_reclaimed_pages",
     "tests/e2e/test_crash.py::test_faults_wait_for_the_next_server_and_read_exact_bytes",
 ]
 
