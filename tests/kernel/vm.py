@@ -186,7 +186,7 @@ def stage() -> list[str]:
 
 def guest_script(tests: list[str], binds: list[str]) -> str:
     q = shlex.quote
-    env = {"PYTHONDONTWRITEBYTECODE": "1", "UFFDSRV_KERNEL_VM": "1",
+    env = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONFAULTHANDLER": "1", "UFFDSRV_KERNEL_VM": "1",
            "UFFDSRV_EXPECT_MISSING": ",".join(MISSING_ON_6_1), "TMPDIR": "/tmp/scratch/tmp"}
     out = q(str(OUT))
     return "\n".join([
