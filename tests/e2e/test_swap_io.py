@@ -44,3 +44,29 @@ def test_tmpfs_swap_file_names_its_fallback_and_keeps_every_page(need_kernel, tm
             if w is not None:
                 w.close()
             assert s.stop() == 0, s.log_text()
+
+
+def test_an_unreadable_slot_ends_in_sigbus_not_wrong_bytes_or_a_hang(server, workload):
+    """The kernel's own swap sends SIGBUS to a process whose swapped page
+    cannot be read; so does the server (UFFDIO_POISON where the kernel has
+    it, else the signal), after a few tries, and it says which page of
+    which pid. Here the swap file loses its blocks under the server: every
+    read comes back short."""
+    import os
+    import signal
+    import time
+
+    from ..support import wait_until
+    w = workload(mib=8, threads=1)
+    w.cmd("fill 1")
+    wait_until(lambda: server.client(w.pid)["managed_bytes"] >= 8 * MIB)
+    assert server.reclaim(w.pid) >= 7 * MIB
+    os.truncate(server.swap, 0)
+    w.proc.stdin.write("verify\n")
+    w.proc.stdin.flush()
+    t0 = time.monotonic()
+    assert w.proc.wait(30) == -signal.SIGBUS
+    assert time.monotonic() - t0 < 10
+    log = server.log_text()
+    assert f"pid {w.pid}: the swap slot of page 0x" in log, log
+    server.status()  # the server goes on

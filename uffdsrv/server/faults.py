@@ -10,15 +10,12 @@ then its faults are served. What the engine hands back is served here:
 faults a reclaim batch holds, the beacon, pages in flight, and every
 address an ioctl refused with EAGAIN.
 
-EAGAIN from UFFDIO_COPY/ZEROPAGE/WRITEPROTECT means an event is still
-unread: the fault goes on the client's retry list and is tried again on
-the next turn of the loop, after the ring has delivered the event. Never
-sleep on it.
-
-Metrics and the journal's flush are settled every TICK seconds while
-faults are served, not per fault (the FREE records themselves join the
-journal's queue at once, in order; a FREE lost in a crash is found again
-at takeover: the page is present).
+EAGAIN from UFFDIO_COPY/ZEROPAGE/WRITEPROTECT means an event is unread:
+the fault is retried on the next turn of the loop, after the ring has
+delivered the event; never slept on. Metrics and the journal's flush are
+settled every TICK seconds, not per fault (FREE records join the
+journal's queue at once, in order; one lost in a crash is found again at
+takeover: the page is present).
 """
 import asyncio
 import collections
@@ -36,7 +33,7 @@ from ..core.pages import EMPTY, INFLIGHT, LOADING, PAGE, RESIDENT, SWAPPED
 from ..core.policy import now_ms
 from ..core.swapin import MAX_READAHEAD, loading_in, written, zeroed
 from ..system import engine as eng
-from ..system import uffd
+from ..system import kernel, uffd
 from .managed import ManagedProcess
 
 log = logging.getLogger("uffdsrv.faults")
@@ -50,6 +47,7 @@ log = logging.getLogger("uffdsrv.faults")
 # halved sequential fault-in with 4 threads.
 POLL_US = int(os.environ.get("UFFDSRV_POLL_US", "80") or 0)
 TICK = 0.01
+SWAP_READ_TRIES = 3  # reads of an unreadable slot before its fault ends in SIGBUS
 __all__ = ["FaultPath", "MAX_READAHEAD", "now_ms"]
 
 # engine counters that are metrics of the same name
@@ -188,9 +186,7 @@ class FaultPath:
             elif kind == eng.RETRY:
                 self.retry(client, addr, flags, tid)
             elif kind == eng.FAILED:
-                log.error("swap read of %d pages for %#x of pid %s: %s; trying again", flags,
-                          addr, client.pid, errno.errorcode.get(-err, err))
-                self.loop.call_later(0.1, self._refault, client, addr, int(flags))
+                self._read_failed(client, addr, int(flags), err)
             elif kind == eng.ERROR:
                 log.warning("%s at %#x of pid %s: %s", eng.OPS.get(flags, "ioctl"), addr,
                             client.pid, errno.errorcode.get(-err, err))
@@ -284,7 +280,6 @@ class FaultPath:
         for addr in a[n:].tolist():
             self.retry(client, addr)
 
-    # --- every TICK -----------------------------------------------------------
     def _tick(self) -> None:
         self._tick_scheduled = False
         self.journal.flush()
@@ -313,8 +308,8 @@ class FaultPath:
 
     # --- serving addresses (held faults, retries) ---------------------------------------
     def serve(self, client: ManagedProcess, addrs, flags, tids) -> None:
-        """Serve faults read earlier (held by a batch that settled, or
-        refused with EAGAIN), through the engine like any read."""
+        """Serve faults read earlier (held by a batch, or refused with
+        EAGAIN) through the engine like any read."""
         h = client.engine
         if client.closed or h is None or not len(addrs):
             return
@@ -338,10 +333,35 @@ class FaultPath:
         if client.closed:
             return
         self.ring.harvest()  # the pending event is usually there by now
-        todo, client.retry = client.retry, []
-        if todo:
-            a = np.array(todo, dtype=np.int64)
-            self.serve(client, a[:, 0], a[:, 1], a[:, 2])
+        todo, client.retry = np.array(client.retry, dtype=np.int64), []
+        if len(todo):
+            self.serve(client, todo[:, 0], todo[:, 1], todo[:, 2])
+
+    def _read_failed(self, client: ManagedProcess, addr: int, npages: int, err: int) -> None:
+        """The swap read for a fault at addr (and npages-1 after it) failed
+        or came short. It is tried again; a slot that stays unreadable ends
+        the fault as the kernel's swap does: SIGBUS, never wrong bytes and
+        never a wait for ever."""
+        self.metrics.error("swap_read")
+        tries = client.read_failures.pop(addr, 0) + 1
+        why = errno.errorcode.get(-err, err) if err else "short read"
+        if tries < SWAP_READ_TRIES:
+            if len(client.read_failures) < 4096:
+                client.read_failures[addr] = tries
+            log.error("swap read of %d pages for %#x of pid %s: %s; trying again", npages,
+                      addr, client.pid, why)
+            self.loop.call_later(0.1 * tries, self._refault, client, addr, npages)
+            return
+        log.error("pid %s: the swap slot of page %#x cannot be read (%s, %d tries): the "
+                  "program gets SIGBUS there, as from the kernel's swap", client.pid, addr, why,
+                  tries)
+        try:
+            kernel.fail_page(client.uffd, addr, client.pidfd,
+                             kernel.current().features.get("uffdio_poison", False))
+        except OSError as e:
+            log.error("pid %s: cannot end the fault at %#x: %s", client.pid, addr, e)
+        if npages > 1:  # the pages read ahead are tried on their own
+            self.loop.call_later(0.1, self._refault, client, addr + PAGE, npages - 1)
 
     def _refault(self, client: ManagedProcess, start: int, npages: int) -> None:
         """Pages of a swap-in that were not put back: other threads may wait

@@ -70,6 +70,7 @@ class ManagedProcess:
         self.starttime = 0
         self.recovering: list = []  # batches whose zap a dead server may have sent
         self.skipped: set[tuple[int, int]] = set()  # mappings too large to manage, logged once
+        self.read_failures: dict[int, int] = {}  # fault address -> failed swap reads
         self.faults_total = 0
         self.refaults = 0        # faults served from swap
         self.readahead_pages = 0  # pages brought along with them
