@@ -141,6 +141,7 @@ def main(argv=None) -> int:
             "started": started.isoformat(timespec="seconds"),
             "seconds": time.monotonic() - t0, "kernel": platform.release(),
             "kernel_features": kernel.features(), "cpus": os.cpu_count(),
+            "skipped": runs.SKIPPED,
             "bench_seconds": took}
     rats = report.ratios(rows)
     doc = {"meta": meta, "rows": [{k: _clean(v) for k, v in r.items()} for r in rows],

@@ -262,6 +262,7 @@ def markdown(rows, rats, meta) -> str:
     md = [f"Machine: {meta['machine']}", ""]
     if meta.get("kernel_features"):
         md += [f"Kernel {meta.get('kernel', '')}: {meta['kernel_features']}", ""]
+    md += [f"Skipped: {why}" for why in meta.get("skipped", ())]
     md += [f"Command: `{meta['command']}`", "",
           f"Started {meta['started']}, took {meta['seconds']:.0f} s.", ""]
     md += ["### Targets", ""]
