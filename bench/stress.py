@@ -103,11 +103,7 @@ class StressNg:
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait()
+                self._kill_session()
         self._forget()
 
     def kill(self) -> None:
@@ -116,12 +112,15 @@ class StressNg:
         while it frees everything on the way out (seconds, and not what is
         measured)."""
         if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
+            self._kill_session()
         self._forget()
+
+    def _kill_session(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
     def _forget(self) -> None:
         if self.proc in procs.STARTED:
