@@ -57,9 +57,10 @@ def test_rows_sane(results):
         assert 1 <= r["pages_per_swap_fault"] <= 32 + 1e-9, r
         # Pages read from swap: each access at most one, plus read-ahead
         # pages. A read-ahead page the budget evicts before its access is
-        # read again, so the sum may pass the accesses a little, never by
-        # a runaway readahead's worth.
-        assert r["refaults"] + r["readahead_pages"] <= 1.1 * r["accesses"] + 64, r
+        # read again: with both CPUs busy the budget loop did that to 12%
+        # of a sequential loop's pages. A runaway readahead reads up to 32
+        # pages per access; half again the accesses is far below that.
+        assert r["refaults"] + r["readahead_pages"] <= 1.5 * r["accesses"] + 64, r
 
 
 def test_same_accesses_under_every_policy(results):
