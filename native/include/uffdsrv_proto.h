@@ -41,6 +41,9 @@ enum ufs_type {
     UFS_ERROR = 8,
     UFS_CTL = 9,
     UFS_CTL_REPLY = 10,
+    UFS_RESTORE = 11, /* header only: bring every page of the sender back and
+                         stop managing it (before a core dump or a debugger);
+                         the server answers OK once the pages are back */
 };
 
 struct ufs_hdr {
@@ -56,6 +59,10 @@ struct ufs_hdr {
 #define UFS_HELLO_RECONNECT 0x2 /* the agent lost its server and is back */
 #define UFS_HELLO_AUTO_MAPS 0x4 /* manage anonymous mappings found in
                                    /proc/PID/maps (LD_PRELOAD mode) */
+#define UFS_HELLO_HELPER 0x8    /* sent by the agent's zap helper: a CLONE_VM
+                                   child (own fd table, not a thread) of the
+                                   managed process, which is its parent; the
+                                   server checks that with kcmp(KCMP_VM) */
 
 struct ufs_hello {
     struct ufs_hdr hdr;

@@ -12,8 +12,9 @@ VERSION = 1
 MAX_MSG = 65536
 MAX_ZAP_RANGES = 1024
 
-HELLO, HELLO_OK, ZAP, ZAP_DONE, REGISTER, UNREGISTER, OK, ERROR, CTL, CTL_REPLY = range(1, 11)
-HELLO_FORKED, HELLO_RECONNECT, HELLO_AUTO_MAPS = 1, 2, 4
+(HELLO, HELLO_OK, ZAP, ZAP_DONE, REGISTER, UNREGISTER, OK, ERROR, CTL, CTL_REPLY,
+ RESTORE) = range(1, 12)
+HELLO_FORKED, HELLO_RECONNECT, HELLO_AUTO_MAPS, HELLO_HELPER = 1, 2, 4, 8
 ZAP_MADVISE = 1
 
 HDR = struct.Struct("<IHHQ")
@@ -49,7 +50,7 @@ def parse_hello(buf: bytes) -> dict:
     if len(buf) != HDR.size + HELLO_BODY.size:
         raise ProtocolError(f"HELLO of {len(buf)} bytes")
     flags, _, features, pstart, plen, beacon = HELLO_BODY.unpack_from(buf, HDR.size)
-    if flags & ~(HELLO_FORKED | HELLO_RECONNECT | HELLO_AUTO_MAPS):
+    if flags & ~(HELLO_FORKED | HELLO_RECONNECT | HELLO_AUTO_MAPS | HELLO_HELPER):
         raise ProtocolError(f"unknown HELLO flags {flags:#x}")
     for name, v in (("private_start", pstart), ("beacon_addr", beacon)):
         if v % PAGE or v >= USER_TOP:
