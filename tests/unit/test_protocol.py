@@ -57,7 +57,7 @@ def test_hello_round_trip():
     (hello()[:-1], "bytes"),
     (hello() + b"\0", "bytes"),
     (hdr(p.HELLO), "bytes"),
-    (hello(flags=8), "flags"),
+    (hello(flags=16), "flags"),
     (hello(flags=0x80000000), "flags"),
     (hello(pstart=0x7F0000000001), "private_start"),
     (hello(pstart=USER_TOP), "private_start"),
@@ -223,7 +223,7 @@ user_page = st.integers(0, USER_TOP // PAGE - 1).map(lambda n: n * PAGE)
 
 
 @settings(max_examples=200, deadline=None)
-@given(flags=st.integers(0, 7), features=st.integers(0, 2**64 - 1), pstart=user_page,
+@given(flags=st.integers(0, 15), features=st.integers(0, 2**64 - 1), pstart=user_page,
        npages=st.integers(0, 2**20), beacon=user_page)
 def test_hello_property_round_trip(flags, features, pstart, npages, beacon):
     pend = min(pstart + npages * PAGE, USER_TOP)
