@@ -4,7 +4,7 @@
 PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
-APT_PKGS := build-essential liburing-dev python3-venv python3-dev redis-server redis-tools prometheus stress-ng
+APT_PKGS := build-essential liburing-dev liblz4-dev libzstd-dev fuse3 libfuse3-dev pkg-config python3-venv python3-dev redis-server redis-tools prometheus stress-ng
 STAMP   := build/.stamp
 
 .PHONY: all setup native demo test lint clean
