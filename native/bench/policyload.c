@@ -4,6 +4,7 @@
  *
  *   policyload --mib N --pattern zipf|seq --accesses A [--seed S]
  *              [--warmup W] [--write-fraction F] [--zipf-s X]
+ *              [--fill plain|mixed] [--latency]
  *
  * Maps N MiB of private anonymous memory (4 KiB pages: MADV_NOHUGEPAGE),
  * writes every page (first word: the page's index; second word: its write
@@ -14,6 +15,21 @@
  *         shuffled over the address range so that hot pages are not
  *         adjacent
  *   seq   page 0, 1, ..., N-1, 0, 1, ... (a loop over the whole mapping)
+ *
+ * --fill mixed fills the rest of each page the way a real heap looks to a
+ * compressor, not with zeros (every compressor's best case) nor with
+ * random bytes (its worst): the page's class is drawn from the seed, so
+ * every run holds the same bytes. lzo-rle (zswap) and lz4 compress the
+ * whole at ~2-3x; classes, by share of pages:
+ *
+ *   50%  text: JSON lines (the same keys, values from a small vocabulary)
+ *   25%  records: 64-byte structs of counters, small ints, pointer-like
+ *        words sharing their high bits, and zero padding
+ *   15%  half zeros: random first half, zero second half
+ *   10%  random bytes (incompressible)
+ *
+ * The first two words (index, generation) and the last stay as with
+ * --fill plain, so verification is the same.
  *
  * A fraction F (default 0.1) of the accesses also write: they bump the
  * page's generation in its second word. The sequence and the expected
@@ -28,6 +44,12 @@
  *   -> done <seconds> <A> <checksum> <mismatches>
  *                                         after the next A accesses
  *                                         (wait for any line, then exit)
+ *
+ * With --latency each access is timed (CLOCK_MONOTONIC, vDSO: ~20 ns on
+ * each side of it, on every contender alike) and the done line ends with
+ * the p50 and p99 of the measured accesses, in ns:
+ *
+ *   -> done <seconds> <A> <checksum> <mismatches> <p50_ns> <p99_ns>
  *
  * Every access reads the page's first word and checks it against the
  * index, and the second against the generation last written there; each
@@ -62,7 +84,8 @@ static void die(const char *what) {
 
 static void usage(void) {
     fprintf(stderr, "usage: policyload --mib N --pattern zipf|seq --accesses A [--seed S] "
-                    "[--warmup W] [--write-fraction F] [--zipf-s X]\n");
+                    "[--warmup W] [--write-fraction F] [--zipf-s X] [--fill plain|mixed] "
+                    "[--latency]\n");
     exit(2);
 }
 
@@ -82,11 +105,76 @@ static int wait_line(void) {
 static char *base;
 static uint64_t *gen;     /* expected generation of each page */
 static uint32_t *seq_;    /* the accesses: page index | WRITE_BIT */
+static uint32_t *lat;     /* ns of each access (--latency), else NULL */
+
+static const char *const WORDS[] = {
+    "the", "of", "and", "request", "user", "session", "cache", "value", "key", "error",
+    "null", "true", "false", "id", "name", "status", "timeout", "connection", "buffer",
+    "page", "memory", "index", "count", "total", "server", "client", "http", "json",
+    "string", "list", "object", "field", "time", "date", "ok", "data", "type", "size",
+    "length", "offset", "read", "write", "open", "close", "path", "file", "node", "tree",
+    "hash", "table", "entry", "queue", "event", "thread", "lock", "state", "config",
+    "default", "version", "token", "account", "order", "price", "amount",
+};
+#define NWORDS (sizeof WORDS / sizeof WORDS[0])
+
+static void fill_random(unsigned char *p, size_t n) {
+    for (size_t i = 0; i + 8 <= n; i += 8) {
+        uint64_t r = next_u64();
+        memcpy(p + i, &r, 8);
+    }
+}
+
+/* Bytes 16 .. PAGE-8 of page p (the words around them are the harness's). */
+static void fill_mixed(unsigned char *page, size_t p) {
+    unsigned char *b = page + 16, *end = page + PAGE - 8;
+    size_t n = (size_t)(end - b);
+    double c = next_unit();
+    if (c < 0.50) { /* text: JSON lines, as a cache of API answers holds */
+        char line[256];
+        unsigned ln = 0;
+        while (b < end) {
+            int l = snprintf(line, sizeof line,
+                             "{\"id\":%llu,\"%s\":\"%s\",\"status\":\"%s\",\"count\":%u,"
+                             "\"tags\":[\"%s\",\"%s\"]}\n",
+                             (unsigned long long)(p * 64 + ln++),
+                             WORDS[next_u64() % 16], WORDS[next_u64() % NWORDS],
+                             WORDS[next_u64() % 8], (unsigned)(next_u64() % 100),
+                             WORDS[next_u64() % 16], WORDS[next_u64() % 16]);
+            if (l > end - b) l = (int)(end - b);
+            memcpy(b, line, (size_t)l);
+            b += l;
+        }
+    } else if (c < 0.75) { /* records */
+        uint64_t heap = 0x00007f0000000000ull | ((next_u64() & 0xffffff) << 16);
+        for (size_t i = 0; i + 64 <= n; i += 64) {
+            uint64_t r[8] = {0};
+            r[0] = p * 64 + i / 64;                    /* a counter */
+            r[1] = next_u64() % 1000;                  /* a small int */
+            r[2] = heap + ((next_u64() & 0xfff) << 4); /* pointers into one arena */
+            r[3] = heap + ((next_u64() & 0xfff) << 4);
+            r[4] = next_u64() & 0xffffffffu;           /* a 32-bit hash */
+            r[5] = (next_u64() & 1) ? 0x100000001ull : 0;
+            memcpy(b + i, r, 64);
+        }
+    } else if (c < 0.90) { /* half zeros */
+        fill_random(b, n / 2);
+        memset(b + n / 2, 0, n - n / 2);
+    } else {
+        fill_random(b, n);
+    }
+}
+
+static int cmp_u32(const void *a, const void *b) {
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
 
 static void run(size_t from, size_t n, double *secs, uint64_t *sum, uint64_t *bad) {
     uint64_t s = 0, b = 0;
     double t0 = bench_now();
     for (size_t k = from; k < from + n; k++) {
+        uint64_t a0 = lat ? bench_ns() : 0;
         uint32_t a = seq_[k];
         uint32_t p = a & ~WRITE_BIT;
         volatile uint64_t *w = (volatile uint64_t *)(base + (size_t)p * PAGE);
@@ -103,6 +191,10 @@ static void run(size_t from, size_t n, double *secs, uint64_t *sum, uint64_t *ba
             gen[p] = w1 + 1;
             w[1] = gen[p];
         }
+        if (lat) {
+            uint64_t d = bench_ns() - a0;
+            lat[k] = d > UINT32_MAX ? UINT32_MAX : (uint32_t)d;
+        }
     }
     *secs = bench_now() - t0;
     *sum += s;
@@ -113,9 +205,14 @@ int main(int argc, char **argv) {
     size_t mib = 0, accesses = 0, warmup = 0;
     uint64_t seed = 1;
     double write_fraction = 0.1, zs = 0.99;
-    const char *pattern = NULL;
+    const char *pattern = NULL, *fill = "plain";
+    int latency = 0;
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i];
+        if (!strcmp(o, "--latency")) {
+            latency = 1;
+            continue;
+        }
         if (i + 1 >= argc) usage();
         const char *v = argv[++i];
         if (!strcmp(o, "--mib")) mib = strtoull(v, NULL, 10);
@@ -125,10 +222,12 @@ int main(int argc, char **argv) {
         else if (!strcmp(o, "--seed")) seed = strtoull(v, NULL, 10);
         else if (!strcmp(o, "--write-fraction")) write_fraction = strtod(v, NULL);
         else if (!strcmp(o, "--zipf-s")) zs = strtod(v, NULL);
+        else if (!strcmp(o, "--fill")) fill = v;
         else usage();
     }
     if (!mib || !accesses || !pattern || write_fraction < 0 || write_fraction > 1
-        || (strcmp(pattern, "zipf") && strcmp(pattern, "seq")))
+        || (strcmp(pattern, "zipf") && strcmp(pattern, "seq"))
+        || (strcmp(fill, "plain") && strcmp(fill, "mixed")))
         usage();
     size_t npages = mib * (1 << 20) / PAGE, total = warmup + accesses;
     if (npages >= WRITE_BIT) usage();
@@ -139,6 +238,7 @@ int main(int argc, char **argv) {
     if (madvise(base, npages * PAGE, MADV_NOHUGEPAGE)) die("madvise(MADV_NOHUGEPAGE)");
     gen = shared(npages * sizeof *gen);
     seq_ = shared(total * sizeof *seq_);
+    if (latency) lat = shared(total * sizeof *lat);
 
     rng_state = seed;
     if (!strcmp(pattern, "zipf")) {
@@ -175,8 +275,10 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < total; i++)
         if (next_unit() < write_fraction) seq_[i] |= WRITE_BIT;
 
+    int mixed = !strcmp(fill, "mixed");
     for (size_t p = 0; p < npages; p++) {
         uint64_t *w = (uint64_t *)(base + p * PAGE);
+        if (mixed) fill_mixed((unsigned char *)w, p);
         gen[p] = 1;
         w[0] = p;
         w[1] = 1;
@@ -194,8 +296,14 @@ int main(int argc, char **argv) {
     if (!wait_line()) return 0;
 
     run(warmup, accesses, &secs, &sum, &bad);
-    printf("done %.6f %zu %llu %llu\n", secs, accesses, (unsigned long long)sum,
+    printf("done %.6f %zu %llu %llu", secs, accesses, (unsigned long long)sum,
            (unsigned long long)(bad + bad_warm));
+    if (lat && accesses) {
+        uint32_t *m = lat + warmup;
+        qsort(m, accesses, sizeof *m, cmp_u32);
+        printf(" %u %u", m[accesses / 2], m[(size_t)((double)accesses * 0.99)]);
+    }
+    printf("\n");
     fflush(stdout);
     wait_line();
     return 0;
