@@ -27,13 +27,25 @@ file is as fast as a reused one; where the filesystem cannot, the new part
 is written with zeros once. A file on tmpfs or ramfs is memory itself: it
 gets no preallocation and a warning. The staging buffers live in the ring's
 registered arena, split in two pools: large buffers for reclaim batches,
-small ones for swap-ins."""
+small ones for swap-ins.
+
+The RAM tier (`tier`, system/tier.py) is a compressed cache of the file,
+keyed by slot. Reclaim writes every page to its slot before the SWAP
+record and the zap, and only then stores it in the pool: no page lives
+only in the server's memory, so a kill -9 loses nothing and a stop has
+nothing to write back; a full pool drops its oldest entries for free. An
+entry is valid only if stored after the last write of its slot: a store
+drops its slots first, and a slot whose count goes to 0 loses its entry
+(the engine drops what it frees, TierSlots what Python frees), else a
+reused slot whose new page is not stored would serve the old bytes."""
 import asyncio
 import errno
 import logging
 import os
 import stat
 import time
+
+import numpy as np
 
 from ..core.pages import PAGE
 from ..core.slots import Slots
@@ -42,21 +54,86 @@ from ..system import swapdev
 log = logging.getLogger("uffdsrv.swap")
 IO_MODES = ("direct", "dontcache", "buffered")
 ZERO_CHUNK = 1 << 20  # bytes per write when zero-filling a file without fallocate
+TIER_CODECS = ("lz4", "zstd")
+TIER_MIN = 64 << 10  # smallest pool cap worth having (16 pages)
+TIER_MAX_STORED = 3 * PAGE // 4  # a page compressing to more goes to the file only
 
 
 class SwapError(Exception):
     pass
 
 
+def ram_tier_size(text) -> int:
+    """The pool cap (`--ram-tier`, the config's ram_tier): a size ("256M"),
+    0 for none, or a share of the machine's memory ("25%", as zswap's
+    max_pool_percent: managed memory comes and goes, a cap set at start
+    cannot follow it). ValueError says why not."""
+    from ..core.budgets import parse_size
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    t = text.strip() if isinstance(text, str) else text
+    if isinstance(t, str) and t.endswith("%"):
+        try:
+            share = float(t[:-1])
+        except ValueError:
+            raise ValueError(f"not a size or a share: {text!r}") from None
+        if not 0 <= share < 100:
+            raise ValueError(f"a share of memory is 0% to 100% (not {text!r})")
+        cap = int(total * share / 100)
+    else:
+        cap = parse_size(t)
+    cap -= cap % PAGE
+    if 0 < cap < TIER_MIN:
+        raise ValueError(f"ram tier {text!r} is too small (at least {TIER_MIN >> 10}K, or 0)")
+    if cap >= total:
+        raise ValueError(f"ram tier {text!r} is not below the machine's memory "
+                         f"({total >> 20} MiB)")
+    return cap
+
+
+class TierSlots(Slots):
+    """Slots whose last release drops the slot's entry from the RAM tier:
+    every free that happens in Python goes through release (the engine
+    drops those it frees itself)."""
+
+    tier = None
+
+    @classmethod
+    def adopt(cls, slots: Slots, tier) -> "TierSlots":
+        """The same counts (the same arrays: the engine holds pointers
+        into them), with drops."""
+        out = cls.__new__(cls)
+        out.__dict__.update(slots.__dict__)
+        out.tier = tier
+        return out
+
+    def release(self, slots) -> None:
+        super().release(slots)
+        if isinstance(slots, int):
+            if slots >= 0 and self.refs[slots] == 0:
+                self.tier.drop(np.array([slots], dtype=np.int64))
+            return
+        s = np.atleast_1d(np.asarray(slots, dtype=np.int64))
+        s = s[s >= 0]
+        freed = s[self.refs[s] == 0]
+        if len(freed):
+            self.tier.drop(freed)
+
+
 class SwapFile:
-    def __init__(self, path: str, size: int, io_mode: str | None = None):
+    def __init__(self, path: str, size: int, io_mode: str | None = None,
+                 ram_tier: int = 0, ram_tier_codec: str = "lz4"):
         """io_mode None takes the best the file allows; a mode named forces
-        it (SwapError if the file cannot do it)."""
+        it (SwapError if the file cannot do it). ram_tier: the compressed
+        pool's cap in bytes (0: none), its codec lz4 or zstd."""
         if io_mode is not None and io_mode not in IO_MODES:
             raise SwapError(f"unknown swap io mode {io_mode!r} (one of {', '.join(IO_MODES)})")
         if size < PAGE * 16:
             raise SwapError(f"swap size {size} is too small (at least {PAGE * 16} bytes)")
+        if ram_tier_codec not in TIER_CODECS:
+            raise SwapError(f"unknown ram tier codec {ram_tier_codec!r} "
+                            f"(one of {', '.join(TIER_CODECS)})")
         self.path = path
+        self.tier, self.tier_codec = None, ram_tier_codec
         self.io_mode, self.rw_flags, self.preallocated = "buffered", 0, False
         # what the fallbacks do after each I/O: sync and drop a write, drop a read
         self._sync_writes = self._drop_reads = False
@@ -64,10 +141,43 @@ class SwapFile:
         self.fd = self._open(path, io_mode in (None, "direct"))
         try:
             self._setup(size, io_mode)
+            if ram_tier:
+                self._new_tier(ram_tier, ram_tier_codec)
         except BaseException:
             os.close(self.fd)
             self._scratch.close()
             raise
+
+    def _new_tier(self, cap: int, codec: str) -> None:
+        from ..system.tier import RamTier  # only a server with a tier needs the codecs
+        try:
+            self.tier = RamTier(cap, self.slots.nslots, codec, TIER_MAX_STORED)
+        except OSError as e:
+            raise SwapError(f"cannot make a ram tier of {cap >> 20} MiB ({codec}): "
+                            f"{e.strerror or e}") from None
+        self.slots = self._slots  # from now on a free drops the slot's entry
+
+    @property
+    def slots(self) -> Slots:
+        return self._slots
+
+    @slots.setter
+    def slots(self, slots: Slots) -> None:
+        # a journal replay hands over a Slots of its own
+        if self.tier is not None and not isinstance(slots, TierSlots):
+            slots = TierSlots.adopt(slots, self.tier)
+        self._slots = slots
+
+    def tier_status(self) -> dict | None:
+        """The pool's figures (system/tier.py's stats, plus the codec and
+        the compression ratio), or None without a tier."""
+        if self.tier is None:
+            return None
+        st = self.tier.stats()
+        stored = st["stored_pages"] * PAGE
+        st["codec"] = self.tier_codec
+        st["compression_ratio"] = stored / st["stored_bytes"] if st["stored_bytes"] else None
+        return st
 
     @staticmethod
     def _open(path: str, direct: bool) -> int:
@@ -250,6 +360,11 @@ class SwapFile:
         return done
 
     def close(self):
+        """Also frees the tier: the fault engine must have let go of it
+        (Engine.set_tier(None)) first."""
+        if self.tier is not None:
+            self.tier.close()
+            self.tier = None
         os.close(self.fd)
         self._scratch.close()
 
