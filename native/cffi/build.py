@@ -20,7 +20,7 @@ import swapdev  # noqa: E402
 import uffd  # noqa: E402
 
 MODULES = (uffd, proc, ring, swapdev)
-SOURCES = ["uffd.c", "proc.c", "ring.c", "engine.c"]
+SOURCES = ["uffd.c", "proc.c", "ring.c", "engine.c", "tier.c"]
 
 def prototypes(header: str) -> str:
     """native.h as cdef reads it: without the preprocessor lines."""
@@ -37,7 +37,7 @@ ffibuilder.set_source(
     '#include "native.h"\n' + "".join(m.INCLUDES for m in MODULES),
     sources=[str(HERE.parent / "src" / s) for s in SOURCES],
     include_dirs=[str(HERE.parent / "src")],
-    libraries=["uring"],
+    libraries=["uring", "lz4", "zstd"],
     extra_compile_args=["-O2", "-Wall", "-Werror", "-Wno-unused-function"],
 )
 

@@ -100,6 +100,7 @@ struct ufs_engine {
     uint16_t *refs;
     int64_t *sc; /* [used, low] */
     uint64_t nslots;
+    struct ufs_tier *tier; /* NULL: every swap-in reads the device */
     char *arena;
     int nloads, nfree, inflight;
     struct load *loads;
@@ -176,6 +177,8 @@ void ufs_engine_set_swap(struct ufs_engine *e, int fd, int rw_flags, int report_
 }
 
 void ufs_engine_set_poll(struct ufs_engine *e, unsigned poll_us) { e->poll_us = poll_us; }
+
+void ufs_engine_set_tier(struct ufs_engine *e, struct ufs_tier *t) { e->tier = t; }
 
 int ufs_engine_busy(struct ufs_engine *e) { return e->inflight; }
 

@@ -124,4 +124,28 @@ int ufs_engine_restore(struct ufs_eclient *c, uint64_t start, uint64_t end, int 
 int ufs_engine_view(struct ufs_engine *e, struct ufs_eview *v);
 int ufs_ring_ready(struct ufs_ring *r); /* CQEs waiting (a harvest stopped early) */
 void ufs_engine_consumed(struct ufs_engine *e, int what);
+/* the compressed RAM tier (tier.c): a cache of the disk tier keyed by swap
+ * slot; an entry is valid only if stored after the last write of its slot */
+struct ufs_tier;
+struct ufs_tier_stats {
+    uint64_t cap_bytes, pool_bytes;    /* cap; memory the pool holds now (arena pages + index) */
+    uint64_t stored_bytes;             /* compressed payload bytes of live entries */
+    uint64_t stored_pages, same_pages; /* live entries; of which same-filled */
+    uint64_t rejected_pages, evicted_pages, dropped_pages; /* totals since start */
+    uint64_t hits, misses, hit_ns;     /* engine/loader lookups; total ns spent in hits */
+};
+/* codec: 0 = lz4, 1 = zstd (level 1). max_stored: a page that compresses to
+ * more bytes goes to disk only. */
+struct ufs_tier *ufs_tier_new(uint64_t cap_bytes, uint64_t nslots, int codec, uint32_t max_stored,
+                              int *err);
+void ufs_tier_free(struct ufs_tier *t);
+/* n pages: page i at buf + pos[i]*4096, under slots[i]; old entries of those
+ * slots go first, the oldest entries as needed. Returns how many were stored. */
+int64_t ufs_tier_store(struct ufs_tier *t, const void *buf, const int64_t *pos,
+                       const int64_t *slots, int64_t n);
+void ufs_tier_drop(struct ufs_tier *t, const int64_t *slots, int64_t n);
+/* 1: the page of slot was decompressed into dst (4096 bytes); 0: not in the pool */
+int ufs_tier_load(struct ufs_tier *t, int64_t slot, void *dst);
+void ufs_tier_stats(const struct ufs_tier *t, struct ufs_tier_stats *out);
+void ufs_engine_set_tier(struct ufs_engine *e, struct ufs_tier *t); /* NULL: no tier */
 #endif

@@ -145,6 +145,7 @@ class Engine:
         self._slots = None
         self._stats = ffi.new("uint64_t[]", lib.UFS_ENGINE_NSTATS)
         self._graveyard: list = []  # read buffers of closed clients
+        self._tier = None
 
 
     def set_swap(self, fd: int, slots, rw_flags: int = 0, report_reads: bool = False) -> None:
@@ -158,6 +159,22 @@ class Engine:
     @property
     def slots(self):
         return self._slots
+
+    def set_tier(self, tier) -> None:
+        """Serve swap-ins from a RamTier first (None: the device only). The
+        engine drops a slot's entry when it frees the slot."""
+        old = self._tier
+        if old is not None and self in old._engines:
+            old._engines.remove(self)
+        self._tier = tier
+        if self._e is not None:
+            lib.ufs_engine_set_tier(self._e, ffi.NULL if tier is None else tier._ptr())
+        if tier is not None:
+            tier._engines.append(self)
+
+    @property
+    def tier(self):
+        return self._tier
 
     def set_poll(self, us: int) -> None:
         """Spin up to `us` µs on the CQ after queueing reads."""
@@ -211,6 +228,8 @@ class Engine:
     def close(self) -> None:
         for h in list(self.handles.values()):
             self.forget(h)
+        if self.tier is not None:
+            self.set_tier(None)
         if self._e is not None:
             lib.ufs_engine_free(self._e)
             self._e = None
