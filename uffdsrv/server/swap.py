@@ -81,13 +81,12 @@ def ram_tier_size(text) -> int:
         cap = int(total * share / 100)
     else:
         cap = parse_size(t)
-    cap -= cap % PAGE
     if 0 < cap < TIER_MIN:
         raise ValueError(f"ram tier {text!r} is too small (at least {TIER_MIN >> 10}K, or 0)")
     if cap >= total:
         raise ValueError(f"ram tier {text!r} is not below the machine's memory "
                          f"({total >> 20} MiB)")
-    return cap
+    return cap - cap % PAGE
 
 
 class TierSlots(Slots):
