@@ -151,9 +151,10 @@ class SwapFile:
         from ..system.tier import RamTier  # only a server with a tier needs the codecs
         try:
             self.tier = RamTier(cap, self.slots.nslots, codec, TIER_MAX_STORED)
-        except OSError as e:
-            raise SwapError(f"cannot make a ram tier of {cap >> 20} MiB ({codec}): "
-                            f"{e.strerror or e}") from None
+        except OSError as e:  # EINVAL: the cap does not even hold the slot index
+            raise SwapError(f"cannot make a ram tier of {cap >> 10} KiB ({codec}) for "
+                            f"{self.slots.nslots} swap slots: {e.strerror or e} (its index "
+                            "takes ~28 bytes a slot off the cap)") from None
         self.slots = self._slots  # from now on a free drops the slot's entry
 
     @property
