@@ -282,6 +282,8 @@ class ReclaimPath:
             return
         first, count = paired_runs(positions, slots)
         ring, swap = self.ring, self.swap
+        if swap.tier is not None:  # what the pool has of these slots is older than the write
+            swap.tier.drop(slots)
         futs = [ring.write_async(swap.fd, buf + int(positions[f]) * PAGE, int(c) * PAGE,
                                  int(slots[f]) * PAGE, swap.rw_flags)
                 for f, c in zip(first.tolist(), count.tolist())]
@@ -312,6 +314,8 @@ class ReclaimPath:
         else:
             written()
         self.metrics.swap_written(int(count.sum()) * PAGE)
+        if swap.tier is not None:  # on the device now: the pool is only a faster copy
+            swap.tier.store(buf, positions, slots)
 
     async def _removes_read(self, client, b, live, results, zstarts, zlens) -> None:
         """The agent has answered; make sure the REMOVE of every range it
