@@ -50,7 +50,7 @@ class Server:
                  zap_mode: str = "process_madvise", socket_mode: int = 0o600,
                  state_dir: str | None = None, policy: str = "coldest",
                  budgets: Budgets | None = None, allow_uids=(), allow_gids=(),
-                 max_region: int | None = None):
+                 max_region: int | None = None, ram_tier: int = 0, ram_tier_codec: str = "lz4"):
         self.socket_path = socket_path
         self.socket_mode = socket_mode
         self.allow_uids, self.allow_gids = tuple(allow_uids), tuple(allow_gids)
@@ -60,7 +60,8 @@ class Server:
         self.max_region = max_region or default_max_region()
         self.zap_flags = protocol.ZAP_MADVISE if zap_mode == "madvise" else 0
         self.metrics_addr = metrics_addr
-        self.swap = SwapFile(swap_path, swap_size)
+        self.swap = SwapFile(swap_path, swap_size, ram_tier=ram_tier,
+                             ram_tier_codec=ram_tier_codec)
         state_dir = state_dir or os.path.dirname(os.path.abspath(swap_path))
         try:
             self.journal = JournalFile(state_dir)
@@ -84,6 +85,7 @@ class Server:
         self.faults = FaultPath(loop, self.ring, self.swap, self.journal, self.metrics,
                                 (self.ring.arena_addr + reclaim_bytes, fault_bytes),
                                 on_fork=self.forked, on_beacon=self.beacon)
+        self.faults.engine.set_tier(self.swap.tier)  # one pool for the server's life
         self.regions = Regions(self.clients, self.journal, self.swap, self.min_region,
                                self.faults.restore, self.max_region)
         self.reclaimer = ReclaimPath(
@@ -106,8 +108,11 @@ class Server:
             self.metrics.serve(*self.metrics_addr)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        log.info("serving on %s, swap %s (%d MiB, io %s)", self.socket_path, self.swap.path,
-                 self.swap.size >> 20, self.swap.io_mode)
+        tier = self.swap.tier
+        log.info("serving on %s, swap %s (%d MiB, io %s), ram tier %s", self.socket_path,
+                 self.swap.path, self.swap.size >> 20, self.swap.io_mode,
+                 "off" if tier is None else f"{tier.stats()['cap_bytes'] >> 20} MiB "
+                 f"{self.swap.tier_codec}")
         k = kernel.current(os.path.dirname(os.path.abspath(self.swap.path)))
         self.metrics.kernel(k.features)
         log.log(logging.WARNING if k.missing() else logging.INFO, "%s", k.missing_line())
