@@ -35,6 +35,41 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def parse_tier(text: str) -> int:
+    from .server.swap import ram_tier_size
+    try:
+        return ram_tier_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def server_keys(text: str, path: str) -> tuple[str, dict]:
+    """The config's own keys (ram_tier, ram_tier_codec) out of its text:
+    the rest is the budgets' (core/budgets.py refuses keys it does not know)."""
+    import re
+    import tomllib
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path}: config is not valid TOML: {e}") from None
+    got = {k: doc.pop(k) for k in ("ram_tier", "ram_tier_codec") if k in doc}
+    rest = re.sub(r"(?m)^[ \t]*(ram_tier|ram_tier_codec)[ \t]*=.*$", "", text)
+    try:
+        ok = tomllib.loads(rest) == doc
+    except tomllib.TOMLDecodeError:
+        ok = False
+    if not ok:
+        raise UsageError(f"{path}: put ram_tier and ram_tier_codec each on one line, at the top")
+    try:
+        if "ram_tier" in got:
+            got["ram_tier"] = parse_tier(str(got["ram_tier"]))
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"{path}: ram_tier: {e}") from None
+    if got.get("ram_tier_codec", "lz4") not in ("lz4", "zstd"):
+        raise UsageError(f"{path}: ram_tier_codec must be lz4 or zstd")
+    return rest, got
+
+
 def parse_budget(text: str) -> int | None:
     return None if text.strip().lower() == "none" else parse_size(text)
 
@@ -85,7 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
                    default="coldest", help="which pages go first (default: coldest)")
     s.add_argument("--budget", type=parse_size, default=None,
                    help="default budget of resident managed memory per program")
-    s.add_argument("--config", default=None, help="TOML file with budgets per program")
+    s.add_argument("--ram-tier", type=parse_tier, default=None, metavar="SIZE|N%",
+                   help="compressed RAM tier in front of the swap file: a cap (256M, 1G) or "
+                        "a share of the machine's memory (25%%); 0 or absent: none")
+    s.add_argument("--ram-tier-codec", choices=("lz4", "zstd"), default=None,
+                   help="the RAM tier's compressor (default lz4)")
+    s.add_argument("--config", default=None,
+                   help="TOML file with budgets per program (and ram_tier, ram_tier_codec)")
     s.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error"))
     r = sub.add_parser("run", help="run a command with the agent loaded")
@@ -132,11 +173,12 @@ def cmd_serve(a) -> int:
         logging.getLogger("uffdsrv").warning("not running as root: process_vm_readv and "
                                              "pidfd_getfd need CAP_SYS_PTRACE")
     try:
-        rules = budgets.Budgets()
+        rules, conf = budgets.Budgets(), {}
         if a.config:
             try:
                 with open(a.config) as f:
-                    rules = budgets.load(f.read())
+                    text, conf = server_keys(f.read(), a.config)
+                    rules = budgets.load(text)
             except OSError as e:
                 raise UsageError(f"cannot read config {a.config}: {e.strerror}") from None
             except ValueError as e:
@@ -146,7 +188,9 @@ def cmd_serve(a) -> int:
         server = Server(a.socket, a.swap, a.swap_size, a.metrics_addr, a.min_region,
                         a.zap_mode, state_dir=a.state_dir, policy=a.policy, budgets=rules,
                         allow_uids=a.allow_uid or (), allow_gids=a.allow_gid or (),
-                        max_region=a.max_region)
+                        max_region=a.max_region,
+                        ram_tier=conf.get("ram_tier", 0) if a.ram_tier is None else a.ram_tier,
+                        ram_tier_codec=a.ram_tier_codec or conf.get("ram_tier_codec", "lz4"))
     except SwapError as e:
         raise UsageError(str(e)) from None
 
