@@ -57,10 +57,14 @@ class Requests:
 
     def status(self) -> dict:
         swap = self.swap
+        tier = swap.tier_status()  # None without a RAM tier
+        # the pool is the server's own memory: it comes off what reclaim saved
+        saved = swap.slots.used * PAGE - (tier["pool_bytes"] if tier else 0)
         return {"clients": [c.status() for c in self.clients.all() if c.pid is not None],
                 "swap": {"path": swap.path, "size_bytes": swap.size,
                          "used_bytes": swap.slots.used * PAGE,
                          "io_mode": swap.io_mode},
+                "tier": tier, "memory_saved_bytes": saved,
                 "kernel": kernel.current().as_json()}
 
 
