@@ -14,8 +14,16 @@ Three kinds of figures:
   with one bisect instead of n locked calls;
 * gauges and counters read at scrape time by collectors: the page maps
   (per live client, labelled pid and comm, and in total; a client's series
-  vanish with it), the swap file, the ring's submission counters and the
-  machine's TLB shootdowns from /proc/interrupts.
+  vanish with it), the swap file and its RAM tier (the pool's stats, read
+  from C in one call), the ring's submission counters and the machine's
+  TLB shootdowns from /proc/interrupts.
+
+The RAM tier caches the swap file (server/swap.py), so a swapped page is in
+one of two places for a fault: `uffdsrv_swapped_pages{tier="ram"}` are the
+slots with an entry in the pool, `{tier="disk"}` the rest. Its writeback
+is free (every page is on the file before it enters the pool): an entry
+the full pool gives up is counted as evicted. Memory saved is the swap
+slots in use less the pool's own memory, which is the server's.
 
 /metrics is served by prometheus-client's HTTP server on its own thread.
 A scrape reads the server's state without locks: lists are copied first,
@@ -52,7 +60,7 @@ EVENT_NAMES = {uffd.EVENT_PAGEFAULT: "pagefault", uffd.EVENT_FORK: "fork",
 # released; held until a reclaim batch settles, already loading (the COPY
 # on its way wakes it), or outside every managed region
 FAULT_KINDS = ("zero", "swap", "write_protect", "held", "loading", "unknown")
-SERVED_KINDS = ("zero", "swap", "write_protect")
+SERVED_KINDS = ("zero", "swap", "write_protect", "tier")  # tier: from the RAM pool
 ERROR_KINDS = ("eagain", "uffd_read", "zeropage", "copy", "unprotect", "swap_read",
                "swap_write", "swap_full", "writeprotect", "reclaim", "zap", "protocol",
                "internal")
@@ -295,6 +303,7 @@ class _StateCollector:
                                      "buffered)", labels=["mode"])
             mode.add_metric([swap.io_mode], 1)
             yield mode
+            yield from _tier_families(swap)
             ring = m._ring
             if ring is not None:
                 yield CounterMetricFamily("uffdsrv_ring_submissions",
@@ -308,3 +317,51 @@ class _StateCollector:
             yield CounterMetricFamily("uffdsrv_tlb_shootdowns",
                                       "TLB shootdown interrupts on this machine, all CPUs and "
                                       "all processes (/proc/interrupts)", value=tlb)
+
+
+def _tier_families(swap):
+    """The RAM tier's figures; pages by tier and memory saved also without
+    one (every swapped page is then on disk)."""
+    st = swap.tier_status()
+    used = swap.slots.used
+    in_ram = min(st["stored_pages"], used) if st else 0
+    pool = st["pool_bytes"] if st else 0
+    by_tier = GaugeMetricFamily("uffdsrv_swapped_pages", "Swapped pages (slots in use), by "
+                                "where a fault finds them: ram (the compressed pool) or disk",
+                                labels=["tier"])
+    by_tier.add_metric(["ram"], in_ram)
+    by_tier.add_metric(["disk"], used - in_ram)
+    yield by_tier
+    yield GaugeMetricFamily("uffdsrv_memory_saved_bytes", "Memory reclaim saved: swap slots "
+                            "in use less the RAM tier's pool (the server's own memory)",
+                            value=used * PAGE - pool)
+    if st is None:
+        return
+    for name, key, doc in (
+            ("cap_bytes", "cap_bytes", "The RAM tier's cap"),
+            ("pool_bytes", "pool_bytes", "Memory the RAM tier holds (arena pages and index)"),
+            ("stored_bytes", "stored_bytes", "Compressed bytes of the pages in the RAM tier"),
+            ("same_filled_pages", "same_pages", "Pages in the RAM tier stored as one value "
+             "(every 8-byte word equal)")):
+        yield GaugeMetricFamily(f"uffdsrv_ram_tier_{name}", doc, value=st[key])
+    ratio = st["compression_ratio"]
+    yield GaugeMetricFamily("uffdsrv_ram_tier_compression_ratio", "Pages in the RAM tier "
+                            "times 4 KiB over their compressed bytes (NaN: empty)",
+                            value=float("nan") if ratio is None else ratio)
+    for name, key, doc in (
+            ("rejected_pages", "rejected_pages", "Pages that compressed too little to be "
+             "stored (disk only)"),
+            ("evicted_pages", "evicted_pages", "Entries the full pool gave up, oldest first "
+             "(writeback: their pages are on disk already)"),
+            ("dropped_pages", "dropped_pages", "Entries dropped because their slot was freed "
+             "or written again"),
+            ("hit_seconds", "hit_ns", "Time the fault engine spent serving pages from the "
+             "RAM tier")):
+        yield CounterMetricFamily(f"uffdsrv_ram_tier_{name}", doc,
+                                  value=st[key] / 1e9 if key == "hit_ns" else st[key])
+    lookups = CounterMetricFamily("uffdsrv_ram_tier_lookups", "Swap-ins looked up in the "
+                                  "RAM tier: hit (decompressed, no I/O) or miss (read from "
+                                  "disk)", labels=["result"])
+    lookups.add_metric(["hit"], st["hits"])
+    lookups.add_metric(["miss"], st["misses"])
+    yield lookups
