@@ -146,6 +146,16 @@ def memory(new: Sample, ref: Sample | None) -> dict:
             "resident_change_bytes": None if ref is None else resident(new) - resident(ref)}
 
 
+def tier_rates(new: Sample, old: Sample | None) -> dict:
+    """Per second between two status replies: the RAM tier's hits,
+    misses and evictions (None: no tier, or one sample only)."""
+    a, b = (old.status.get("tier") if old else None), new.status.get("tier")
+    dt = new.at - old.at if old else 0
+    if not a or not b or dt <= 0:
+        return {}
+    return {k: max(b[k] - a[k], 0) / dt for k in ("hits", "misses", "evicted_pages")}
+
+
 def figures(new: Sample, old: Sample | None, ref: Sample | None = None) -> dict:
     """Everything shown, as plain values (None: not known yet). Rates are
     from old to new; the machine's memory from ref (default: old) to new."""
@@ -160,7 +170,8 @@ def figures(new: Sample, old: Sample | None, ref: Sample | None = None) -> dict:
             rate = max(c["faults_total"] - old_faults[c["pid"]], 0) / dt
         clients.append({**c, "faults_per_second": rate})
     f: dict = {"clients": clients, "swap": st["swap"], "has_metrics": bool(m),
-               "memory": memory(new, ref if ref is not None else old)}
+               "memory": memory(new, ref if ref is not None else old),
+               "tier": st.get("tier"), "tier_rates": tier_rates(new, old)}
     if not m:
         return f
     f["version"] = next((dict(k).get("version") for k in m.get("uffdsrv_build_info", {})), "?")
@@ -219,7 +230,14 @@ def summary_lines(f: dict) -> list[str]:
     s = f["swap"]
     head = f"swap: {_bytes(s['used_bytes'])} of {_bytes(s['size_bytes'])} used ({s['path']})"
     mem = f["memory"]
-    lines = [head,
+    t, tr = f.get("tier"), f.get("tier_rates") or {}
+    tier = "ram tier: off" if not t else (
+        f"ram tier: {_bytes(t['pool_bytes'])} of {_bytes(t['cap_bytes'])} ({t['codec']}), "
+        f"{t['stored_pages']:,} pages ({t['same_pages']:,} same-filled), ratio "
+        f"{_n(t['compression_ratio'], '{:.2f}')}  hits {_n(tr.get('hits'))}/s  "
+        f"misses {_n(tr.get('misses'))}/s  evicted {_n(tr.get('evicted_pages'))}/s  "
+        f"rejected {t['rejected_pages']:,}")
+    lines = [head, tier,
              f"memory: MemFree {_bytes(mem['memfree_bytes'])}, "
              f"given back {_signed(mem['memfree_gained_bytes'])}  "
              f"page cache {_signed(mem['page_cache_growth_bytes'])}  "
