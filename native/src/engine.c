@@ -63,6 +63,10 @@ int ufs_ring_ready(struct ufs_ring *r);
 int ufs_ring_dispatch(struct ufs_ring *r);
 void ufs_ring_route(struct ufs_ring *r, uint64_t tag, void (*fn)(void *, uint64_t, int32_t),
                     void *ctx);
+/* tier.c, for the engine only */
+int ufs_tier_get(struct ufs_tier *t, int64_t s, void *dst);
+void ufs_tier_drop_one(struct ufs_tier *t, int64_t s);
+void ufs_tier_count(struct ufs_tier *t, uint64_t hits, uint64_t misses, uint64_t ns);
 
 struct stream {
     uint32_t tid, window, ahead;
@@ -86,12 +90,13 @@ struct ufs_eclient {
 
 struct load {
     struct ufs_eclient *c; /* NULL: free */
-    int n, pending, restore;
+    int n, pending, restore, nhit;
     int32_t bad;
     uint32_t tid;
     uint64_t t_ns;
     uint64_t addr[RA_MAX];
     int64_t slot[RA_MAX];
+    uint8_t hit[RA_MAX]; /* the page came from the tier: no read */
 };
 
 struct ufs_engine {
@@ -107,6 +112,7 @@ struct ufs_engine {
     int *freel;
     unsigned poll_us;
     int queued, depth;
+    unsigned dev_pages; /* pages queued on the device, ever (wraps) */
     uint64_t stats[UFS_ENGINE_NSTATS];
     struct ufs_eout *out;
     int nout, capout;
@@ -126,6 +132,8 @@ static uint64_t now_ns(void) {
 static uint32_t now_ms(void) { return (uint32_t)(now_ns() / 1000000ULL); }
 
 static void complete(void *ctx, uint64_t ud, int32_t res);
+struct load;
+static void finish(struct ufs_engine *e, struct load *L);
 
 struct ufs_engine *ufs_engine_new(struct ufs_ring *ring, void *arena, size_t bytes, int *err) {
     struct ufs_engine *e = calloc(1, sizeof *e);
@@ -328,6 +336,8 @@ static void slot_release(struct ufs_engine *e, int64_t s) {
         return;
     }
     if (--e->refs[s] == 0) {
+        /* a freed slot's entry must go: the slot's next owner is not us */
+        if (e->tier) ufs_tier_drop_one(e->tier, s);
         e->sc[0]--;
         if (s < e->sc[1]) e->sc[1] = s;
     }
@@ -412,14 +422,24 @@ static int start_load(struct ufs_eclient *c, const struct ufs_region *r, uint64_
     int li = e->freel[--e->nfree];
     struct load *L = &e->loads[li];
     memset(L, 0, offsetof(struct load, addr));
-    int n = 0;
+    char *buf = load_buf(e, L);
+    uint64_t t0 = e->tier ? now_ns() : 0;
+    int n = 0, nmiss = 0;
+    uint64_t looked_miss = 0;
     for (uint64_t j = lo; j < hi && n < RA_MAX; j++) {
         int64_t s = r->slot[j];
         if (!bringable(e, r, j)) continue;
+        /* the tier first: a hit is decompressed where the read would land,
+         * and the load is the same as without a tier (core/swapin.py's
+         * rules), only with fewer reads; a load of hits only reads nothing */
+        int hit = e->tier && ufs_tier_get(e->tier, s, buf + n * PAGE) > 0;
+        if (e->tier && !hit) looked_miss++;
         L->addr[n] = r->start + j * PAGE;
         L->slot[n] = s;
+        L->hit[n] = hit;
         r->state[j] = S_LOADING;
         e->refs[s]++; /* the pin: the slot outlives a REMOVE while read */
+        nmiss += !hit;
         n++;
     }
     if (!n) {
@@ -429,13 +449,19 @@ static int start_load(struct ufs_eclient *c, const struct ufs_region *r, uint64_
     if (stream >= 0) c->st[stream].ahead = restore ? 0 : n - 1;
     L->c = c;
     L->n = n;
+    L->nhit = n - nmiss;
     L->tid = tid;
     L->t_ns = t_ns;
     L->restore = restore;
-    char *buf = load_buf(e, L);
-    for (int p = 0; p < n;) {
+    if (e->tier && nmiss) /* a hit riding along a read: its decompress is its cost */
+        ufs_tier_count(e->tier, L->nhit, looked_miss, L->nhit ? now_ns() - t0 : 0);
+    for (int p = 0; p < n;) { /* one read per run of contiguous slots not in the tier */
+        if (L->hit[p]) {
+            p++;
+            continue;
+        }
         int q = p + 1;
-        while (q < n && L->slot[q] == L->slot[q - 1] + 1) q++;
+        while (q < n && !L->hit[q] && L->slot[q] == L->slot[q - 1] + 1) q++;
         struct io_uring_sqe *sqe = ufs_ring_sqe(e->ring);
         if (!sqe) {
             L->bad = -EBUSY;
@@ -447,11 +473,19 @@ static int start_load(struct ufs_eclient *c, const struct ufs_region *r, uint64_
         io_uring_sqe_set_data64(sqe, ENGINE_TAG | ((uint64_t)li << 16) | (q - p));
         L->pending++;
         e->queued++;
+        e->dev_pages += q - p;
         p = q;
     }
     c->loads++;
     e->inflight++;
-    if (!L->pending) complete(e, ENGINE_TAG | ((uint64_t)li << 16), -EBUSY);
+    if (!L->pending && L->bad) {
+        complete(e, ENGINE_TAG | ((uint64_t)li << 16), -EBUSY);
+    } else if (!L->pending) { /* every page from the tier: put in now */
+        e->depth++;
+        finish(e, L);
+        e->depth--;
+        ufs_tier_count(e->tier, n, looked_miss, now_ns() - t0); /* lookups to COPY done */
+    }
     return n;
 }
 
@@ -483,11 +517,15 @@ static void finish(struct ufs_engine *e, struct load *L) {
         out(e, c, UFS_OUT_FAILED, L->addr[0], n, L->tid, L->bad);
         goto unpin;
     }
-    count(c, UFS_C_READ_BYTES, (uint64_t)n * PAGE);
+    count(c, UFS_C_READ_BYTES, (uint64_t)(n - L->nhit) * PAGE);
     if (e->report_reads)
         for (int p = 0; p < n;) {
+            if (L->hit[p]) {
+                p++;
+                continue;
+            }
             int q = p + 1;
-            while (q < n && L->slot[q] == L->slot[q - 1] + 1) q++;
+            while (q < n && !L->hit[q] && L->slot[q] == L->slot[q - 1] + 1) q++;
             out(e, c, UFS_OUT_READ, L->slot[p] * PAGE, (q - p) * PAGE, 0, 0);
             p = q;
         }
@@ -542,7 +580,7 @@ static void finish(struct ufs_engine *e, struct load *L) {
         const struct ufs_region *r0 = find(c, L->addr[0], &i0);
         if (r0) heat = r0->heat[i0];
     }
-    int ndone = 0;
+    int ndone = 0, ntier = 0;
     for (int p = 0; p < n; p++) {
         const struct ufs_region *r = where[p];
         if (!r) continue;
@@ -557,6 +595,7 @@ static void finish(struct ufs_engine *e, struct load *L) {
         r->stamp[i] = t;
         if (heat >= 0 && p > 0) r->heat[i] = heat;
         ndone++;
+        ntier += L->hit[p];
         if (p == n - 1 || !done[p + 1] || !where[p + 1] || L->addr[p + 1] != L->addr[p] + PAGE) {
             int f = p;
             while (f > 0 && done[f - 1] && where[f - 1] && L->addr[f - 1] + PAGE == L->addr[f])
@@ -564,6 +603,7 @@ static void finish(struct ufs_engine *e, struct load *L) {
             journal_free(e, c, L->addr[f], p - f + 1);
         }
     }
+    count(c, UFS_C_TIER_PAGES, ntier);
     if (L->restore) {
         count(c, UFS_C_RESTORED, ndone);
     } else if (ndone) {
@@ -571,7 +611,8 @@ static void finish(struct ufs_engine *e, struct load *L) {
         if (done[0]) {
             count(c, UFS_C_REFAULTS, 1);
             count(c, UFS_C_READAHEAD, ndone - 1);
-            sample(e, UFS_KIND_SWAP, 1, L->t_ns);
+            if (L->hit[0]) count(c, UFS_C_TIER_FAULTS, 1);
+            sample(e, L->hit[0] ? UFS_KIND_TIER : UFS_KIND_SWAP, 1, L->t_ns);
         } else {
             count(c, UFS_C_READAHEAD, ndone);
         }
@@ -778,7 +819,7 @@ static void serve(struct ufs_eclient *c, const struct uffd_msg *m, int n, uint64
                   int flags) {
     struct ufs_engine *e = c->e;
     struct run_list zero, wp;
-    int reads = 0;
+    unsigned dev0 = e->dev_pages; /* pages from the tier need no spin on the CQ */
     for (int k0 = 0; k0 < n; k0 += 256) {
         zero.n = wp.n = 0;
         int k1 = k0 + 256 < n ? k0 + 256 : n;
@@ -823,7 +864,6 @@ static void serve(struct ufs_eclient *c, const struct uffd_msg *m, int n, uint64
                                                   tid, t_ns, 0, s);
                 if (got > 0) {
                     count(c, UFS_C_SWAP, 1);
-                    reads += got;
                 } else if (s < 0 && !e->nfree) {
                     count(c, UFS_C_BUSY, 1); /* every buffer busy: on the next turn */
                     out(e, c, UFS_OUT_RETRY, addr, flags, tid, 0);
@@ -842,7 +882,7 @@ static void serve(struct ufs_eclient *c, const struct uffd_msg *m, int n, uint64
         if (wp.n) unprotect(c, &wp, t_ns);
         if (zero.n) zero_fill(c, &zero, t_ns);
     }
-    settle_ring(e, reads);
+    settle_ring(e, (int)(e->dev_pages - dev0));
 }
 
 int ufs_engine_restore(struct ufs_eclient *c, uint64_t start, uint64_t end, int max_loads) {

@@ -92,12 +92,12 @@ enum {
     UFS_OUT_EVENTS = 5, UFS_OUT_UFFD_ERR = 6, /* a read of the uffd: addr, flags = buffer, bytes */
     UFS_SERVE_SKIP_EVENTS = 1, UFS_SERVE_NOT_READ = 2,
     UFS_OP_COPY = 0, UFS_OP_ZEROPAGE = 1, UFS_OP_UNPROTECT = 2,
-    UFS_KIND_ZERO = 0, UFS_KIND_UNPROTECT = 1, UFS_KIND_SWAP = 2,
+    UFS_KIND_ZERO = 0, UFS_KIND_UNPROTECT = 1, UFS_KIND_SWAP = 2, UFS_KIND_TIER = 3,
     /* per-client counters (a uint64_t array of Python's) */
     UFS_C_FAULTS = 0, UFS_C_ZERO, UFS_C_UNPROTECT, UFS_C_SWAP, UFS_C_LOADING, UFS_C_UNKNOWN,
     UFS_C_SWAPPED_IN, UFS_C_READ_BYTES, UFS_C_REFAULTS, UFS_C_READAHEAD, UFS_C_RA_MISSES,
     UFS_C_RESTORED, UFS_C_BUSY, UFS_C_ERR_EAGAIN, UFS_C_ERR_COPY, UFS_C_ERR_ZEROPAGE,
-    UFS_C_ERR_SWAP_READ, UFS_C_ERR_UNPROTECT, UFS_C_N,
+    UFS_C_ERR_SWAP_READ, UFS_C_ERR_UNPROTECT, UFS_C_TIER_FAULTS, UFS_C_TIER_PAGES, UFS_C_N,
     /* engine-wide: what must never happen */
     UFS_ESTAT_BAD_RELEASE = 0, UFS_ESTAT_STRAY, UFS_ESTAT_LOST, UFS_ESTAT_SAMPLES_LOST,
     UFS_ENGINE_NSTATS
@@ -147,5 +147,8 @@ void ufs_tier_drop(struct ufs_tier *t, const int64_t *slots, int64_t n);
 /* 1: the page of slot was decompressed into dst (4096 bytes); 0: not in the pool */
 int ufs_tier_load(struct ufs_tier *t, int64_t slot, void *dst);
 void ufs_tier_stats(const struct ufs_tier *t, struct ufs_tier_stats *out);
+/* Drop the entries of every slot whose count (refs, numpy's) is 0: for the
+ * slots Python freed without a drop. Returns how many went. */
+int64_t ufs_tier_sweep(struct ufs_tier *t, const uint16_t *refs, uint64_t nrefs);
 void ufs_engine_set_tier(struct ufs_engine *e, struct ufs_tier *t); /* NULL: no tier */
 #endif

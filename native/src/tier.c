@@ -289,6 +289,17 @@ void ufs_tier_drop(struct ufs_tier *t, const int64_t *slots, int64_t n) {
     for (int64_t i = 0; i < n; i++) ufs_tier_drop_one(t, slots[i]);
 }
 
+int64_t ufs_tier_sweep(struct ufs_tier *t, const uint16_t *refs, uint64_t nrefs) {
+    int64_t n = 0;
+    for (uint32_t s = t->head, next; s != NONE32; s = next) {
+        next = t->ent[s].next;
+        if (s >= nrefs || !refs[s]) n += forget(t, s);
+    }
+    t->st.dropped_pages += n;
+    account(t);
+    return n;
+}
+
 static int same_filled(const void *page, uint64_t *word) {
     const uint64_t *w = page;
     uint64_t v = w[0];

@@ -40,6 +40,12 @@ def page_bytes(slot: int) -> bytes:
     return pattern(PAGE, slot * 13 + 1)
 
 
+def tier_bytes(slot: int) -> bytes:
+    """What the tier holds for a slot in the tests that prove a page came
+    from the tier: compressible, and unlike the device's copy."""
+    return ((b"tier page of slot %06d; " % slot) * PAGE)[:PAGE]
+
+
 class Rig:
     """One client: the mapping, its uffd, a page map, the swap file, a
     ring and an engine."""
@@ -71,6 +77,7 @@ class Rig:
         except BaseException:
             self.close()
             raise
+        self.tier = None
         self.records: list[tuple[int, int]] = []
         self.served: list[tuple[int, int, int]] = []  # (addr, flags, tid) as read
 
@@ -83,6 +90,18 @@ class Rig:
 
     def page(self, i: int) -> int:
         return self.addr + i * PAGE
+
+    def with_tier(self, stored: dict[int, bytes]):
+        """A RamTier holding these pages under these slots, in the engine."""
+        from uffdsrv.system.tier import RamTier
+        self.tier = RamTier(4 << 20, NSLOTS)
+        buf = anon(max(1, len(stored)))
+        for k, data in enumerate(stored.values()):
+            buf[k * PAGE:(k + 1) * PAGE] = data
+        assert self.tier.store(addr_of(buf), range(len(stored)), list(stored)) == len(stored)
+        buf.close()
+        self.engine.set_tier(self.tier)
+        return self.tier
 
     def take(self) -> list:
         outs, recs = self.engine.take()
@@ -132,6 +151,8 @@ class Rig:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+        if getattr(self, "tier", None) is not None:
+            self.tier.close()
         if self.ring is not None:
             self.ring.close()
         for fd in (self.fd, self.swap_fd):
@@ -207,16 +228,21 @@ def test_readahead_by_address_with_scattered_slots(rig):
     assert sum(n for _, n in got) == 64
 
 
-def test_engine_and_core_rules_agree(rig):
+@pytest.mark.parametrize("tiered", [False, True], ids=["device", "tier"])
+def test_engine_and_core_rules_agree(rig, tiered):
     """One thread walks two arrays in step, jumps at random, meets a hole,
     batch-held and never-reclaimed neighbours; a REMOVE lands while a
-    readahead is in flight. Engine and Model must end in the same place."""
+    readahead is in flight. Engine and Model must end in the same place.
+    With a tier holding every third page (the same bytes as the device:
+    a hit is only a faster read), the outcome must be the same."""
     n = 128
     r = rig(n)
     rng = np.random.default_rng(11)
     swapped = [i for i in range(n) if i not in (5, 70, 71) and not 100 <= i < 110]
     slots = rng.permutation(NSLOTS)[:len(swapped)].tolist()
     r.swap_out(swapped, slots)
+    if tiered:
+        r.with_tier({s: page_bytes(s) for s in slots[::3]})
     r.region.batch[40] = 9          # held by a batch: never read ahead
     r.region.state[5] = RESIDENT    # a hole the windows step over (absent: zero-filled)
     r.region.heat[0] = 3
@@ -295,6 +321,18 @@ def test_engine_and_core_rules_agree(rig):
         else:
             assert d == page_bytes(slots[swapped.index(i)]), i
     assert out["d"][1] == page_bytes(slots[swapped.index(base + 1)])
+    if tiered:
+        got = r.tier.stats()
+        tier_pages = int(r.h.counters[C["tier_pages"]])
+        # a page can be loaded and not put in (the REMOVE above): lookups >= pages in
+        pages_in = int(r.h.counters[C["swapped_in"]])
+        assert got["hits"] >= tier_pages > 0 and got["hits"] + got["misses"] >= pages_in
+        assert got["hits"] + got["misses"] <= pages_in + 1
+        # the reads carried only what the tier lacked
+        assert int(r.h.counters[C["read_bytes"]]) == got["misses"] * PAGE
+        # every slot the engine freed left the tier; what is left is still swapped
+        left = set(slots[::3]) & set(int(s) for s in r.region.slot[r.region.slot >= 0])
+        assert got["stored_pages"] == len(left)
 
 
 def test_batch_held_and_beacon_are_handed_back(rig):
@@ -348,3 +386,80 @@ def test_restore_puts_everything_back(rig):
     assert present.sum() == 79 and not present[10]
     assert [bytes(r.map[i * PAGE:(i + 1) * PAGE]) for i in (0, 11, 79)] \
         == [page_bytes(200), page_bytes(211), page_bytes(279)]
+
+
+def test_tier_hits_read_nothing_and_misses_read_the_device(rig):
+    """The device's copy of the tier's slots is deliberately different: a
+    page that comes back with the tier's bytes was not read."""
+    r = rig(32)
+    slots = list(range(100, 116))
+    r.swap_out(range(16), slots)
+    in_tier = {s: tier_bytes(s) for s in slots[::2]}
+    in_tier[slots[4]] = b"\xab" * PAGE  # same-filled, not zeros
+    tier = r.with_tier(in_tier)
+    order = [0, 9, 2, 13, 4, 7, 10, 1, 15, 6]  # no two in step: one page a read
+    data, _ = walk(r, order)
+    for i, d in zip(order, data):
+        want = in_tier.get(slots[i], page_bytes(slots[i]))
+        assert d == want, i
+    hits = sum(slots[i] in in_tier for i in order)
+    from_tier = int(r.h.counters[C["tier_pages"]])  # readahead included
+    pages_in = int(r.h.counters[C["swapped_in"]])
+    assert int(r.h.counters[C["tier_faults"]]) == hits and from_tier >= hits
+    assert int(r.h.counters[C["read_bytes"]]) == (pages_in - from_tier) * PAGE
+    assert int(r.h.counters[C["refaults"]]) == len(order)
+    kinds = {k for k, _, _ in r.engine.samples()}
+    assert kinds == {"tier", "swap"}
+    st = tier.stats()
+    assert st["hits"] == from_tier and st["misses"] == pages_in - from_tier
+    assert st["hit_ns"] > 0
+    # the slots the engine freed are out of the tier; the rest stay
+    freed = {s for s in slots if r.slots.refs[s] == 0}
+    assert len(freed) == pages_in
+    assert st["stored_pages"] == len(set(in_tier) - freed)
+    assert st["dropped_pages"] == len(set(in_tier) & freed)
+
+
+def test_a_reused_slot_never_serves_the_tiers_old_bytes(rig):
+    """Slot 50 comes back from the tier and is freed; it is then reused for
+    another page that reclaim wrote to the device but never stored in the
+    tier. That page must come from the device."""
+    r = rig(8)
+    r.swap_out([0], [50])
+    tier = r.with_tier({50: tier_bytes(50)})
+    data, _ = walk(r, [0])
+    assert data == [tier_bytes(50)]
+    assert tier.load(50) is None  # freed by the engine: dropped
+    r.swap_out([3], [50])
+    data, _ = walk(r, [3])
+    assert data == [page_bytes(50)]
+    assert int(r.h.counters[C["tier_faults"]]) == 1
+
+
+def test_readahead_and_restore_mix_tier_and_device(rig):
+    """A sequential walk whose pages are scattered over the file, half of
+    them in the tier: runs of hits and misses in one load, each page from
+    its own source; then a restore of the rest, the same way."""
+    r = rig(96)
+    rng = np.random.default_rng(4)
+    slots = rng.permutation(NSLOTS)[:96].tolist()
+    r.swap_out(range(96), slots)
+    in_tier = {s: tier_bytes(s) for s in slots if rng.random() < 0.5}
+    tier = r.with_tier(in_tier)
+    data, _ = walk(r, range(48))
+    for i, d in zip(range(48), data):
+        assert d == in_tier.get(slots[i], page_bytes(slots[i])), i
+    assert int(r.h.counters[C["swap"]]) <= 8  # readahead still works
+    total = 0
+    for _ in range(100):
+        total += r.h.restore(r.addr, r.addr + 96 * PAGE)
+        r.settle()
+        if not (r.region.state == SWAPPED).any():
+            break
+    assert (r.region.state == RESIDENT).all()
+    for i in range(96):
+        assert bytes(r.map[i * PAGE:(i + 1) * PAGE]) == in_tier.get(slots[i], page_bytes(slots[i]))
+    pages_from_tier = int(r.h.counters[C["tier_pages"]])
+    assert pages_from_tier == len(in_tier)
+    assert int(r.h.counters[C["read_bytes"]]) == (96 - len(in_tier)) * PAGE
+    assert tier.stats()["stored_pages"] == 0 and r.slots.used == 0

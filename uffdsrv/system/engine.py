@@ -40,10 +40,10 @@ READ_BYTES = 64 * 32  # one read of the uffd: 64 struct uffd_msg
 OPS = {lib.UFS_OP_COPY: "UFFDIO_COPY", lib.UFS_OP_ZEROPAGE: "UFFDIO_ZEROPAGE",
        lib.UFS_OP_UNPROTECT: "UFFDIO_WRITEPROTECT"}
 SAMPLE_KINDS = {lib.UFS_KIND_ZERO: "zero", lib.UFS_KIND_UNPROTECT: "write_protect",
-                lib.UFS_KIND_SWAP: "swap"}
+                lib.UFS_KIND_SWAP: "swap", lib.UFS_KIND_TIER: "tier"}
 COUNTERS = ("faults", "zero", "write_protect", "swap", "loading", "unknown", "swapped_in",
             "read_bytes", "refaults", "readahead", "readahead_misses", "restored", "busy",
-            "eagain", "copy", "zeropage", "swap_read", "unprotect")
+            "eagain", "copy", "zeropage", "swap_read", "unprotect", "tier_faults", "tier_pages")
 C = {name: i for i, name in enumerate(COUNTERS)}
 assert len(COUNTERS) == lib.UFS_C_N
 STATS = ("bad_release", "stray", "lost", "samples_lost")

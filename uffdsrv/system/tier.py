@@ -87,6 +87,13 @@ class RamTier:
         if len(sl):
             lib.ufs_tier_drop(self._ptr(), ffi.from_buffer("int64_t[]", sl), len(sl))
 
+    def sweep(self, refs) -> int:
+        """Drop every entry whose slot count in refs (Slots.refs) is 0: the
+        slots Python freed without a drop. Costs one pass over the
+        entries; returns how many went."""
+        refs = np.ascontiguousarray(refs, dtype=np.uint16)
+        return int(lib.ufs_tier_sweep(self._ptr(), ffi.from_buffer("uint16_t[]", refs), len(refs)))
+
     def load(self, slot: int) -> bytes | None:
         """The page stored under slot, or None (counted as a hit or a miss)."""
         if lib.ufs_tier_load(self._ptr(), int(slot), self._page):
