@@ -26,10 +26,12 @@
  *   itself and no arena bytes. The entries are threaded on a FIFO in store
  *   order: a full pool evicts from its head, the oldest stored.
  *
- * pool_bytes counts the arena pages held plus the index (the entry and
- * chunk arrays, whole: calloc'd memory is touched lazily, so this is an
- * upper bound) and is kept below the cap: the index comes off the cap
- * first. Called on the event loop's thread only, like the engine. */
+ * pool_bytes counts the arena pages held plus the index: the entry array
+ * whole (every entry is written at start), and of the chunk array the
+ * pages up to the highest chunk ever used (a large calloc is fresh
+ * anonymous memory, touched only as chunks come into use). It stays below
+ * the cap: the index, counted whole, comes off the cap first. Called on
+ * the event loop's thread only, like the engine. */
 #define _GNU_SOURCE
 #include "native.h"
 #include <errno.h>
@@ -68,7 +70,7 @@ struct tclass {
 struct ufs_tier {
     char *arena;
     size_t span;
-    uint64_t nslots, nchunks, arena_pages, held_pages, index_bytes;
+    uint64_t nslots, nchunks, arena_pages, held_pages, entry_bytes;
     struct entry *ent;
     struct chunk *ch;
     uint32_t free_chunks, fresh; /* chunks given back; first never used */
@@ -108,15 +110,15 @@ struct ufs_tier *ufs_tier_new(uint64_t cap_bytes, uint64_t nslots, int codec, ui
      * every arena page can be a chunk of its own (k = 1) */
     uint64_t per_page = TPAGE + sizeof(struct chunk);
     uint64_t ibytes = nslots * sizeof(struct entry);
-    if (cap_bytes < ibytes + 4 * per_page) {
+    if (cap_bytes < ibytes + TPAGE + 4 * per_page) {
         free(t);
         *err = -EINVAL;
         return NULL;
     }
-    t->arena_pages = (cap_bytes - ibytes) / per_page;
+    t->arena_pages = (cap_bytes - ibytes - TPAGE) / per_page; /* a page: the table's rounding */
     t->nchunks = t->arena_pages;
     if (t->nchunks >= NONE32) t->nchunks = t->arena_pages = NONE32 - 1;
-    t->index_bytes = ibytes + t->nchunks * sizeof(struct chunk);
+    t->entry_bytes = ibytes;
     t->span = (size_t)t->nchunks * CHUNK_SPAN * TPAGE;
     t->ent = calloc(nslots, sizeof *t->ent);
     t->ch = calloc(t->nchunks, sizeof *t->ch);
@@ -151,7 +153,7 @@ struct ufs_tier *ufs_tier_new(uint64_t cap_bytes, uint64_t nslots, int codec, ui
         k->partial = NONE32;
     }
     t->st.cap_bytes = cap_bytes;
-    t->st.pool_bytes = t->index_bytes;
+    t->st.pool_bytes = t->entry_bytes;
     *err = 0;
     return t;
 }
@@ -274,7 +276,8 @@ static int forget(struct ufs_tier *t, uint64_t s) {
 }
 
 static void account(struct ufs_tier *t) {
-    t->st.pool_bytes = t->index_bytes + t->held_pages * TPAGE;
+    uint64_t chunk_bytes = ((uint64_t)t->fresh * sizeof(struct chunk) + TPAGE - 1) / TPAGE * TPAGE;
+    t->st.pool_bytes = t->entry_bytes + chunk_bytes + t->held_pages * TPAGE;
 }
 
 /* The engine drops a slot it freed (engine.c, not in native.h). */

@@ -249,7 +249,9 @@ def test_memory_goes_back_when_entries_go(tiers, batches):
     assert base < t.stats()["pool_bytes"] < base + held
     t.drop(range(1, n, 2))
     s = t.stats()
-    assert s["pool_bytes"] == base and s["stored_pages"] == 0 and s["stored_bytes"] == 0
+    # nothing held but the index (the chunk table's pages it ever touched)
+    assert s["pool_bytes"] < base + held // 64 and s["stored_pages"] == 0
+    assert s["stored_bytes"] == 0
     assert rss_anon() - before < grown // 4
 
 
