@@ -1,11 +1,14 @@
-"""python -m bench {zap,reclaim,fault,policy,manage,all} [--quick] [--json FILE]
+"""python -m bench {zap,reclaim,fault,policy,manage,budget,all} [--quick] [--json FILE]
 
 What vectored process_madvise buys over madvise, how uffdsrv's reclaim and
 fault path compare with a minimal C handler and with the kernel's own swap
 on the same device, which pages each reclaim policy keeps under a budget,
-and what being managed costs a busy program; all in one run, on this
-machine. Needs root (userfaultfd, swapon, a memory cgroup, the server) and
-stress-ng for `manage`.
+what being managed costs a busy program, and (`budget`) how fast a program
+held at the same memory budget runs under uffdsrv and under the kernel's
+swap and zswap; all in one run, on this machine. Needs root (userfaultfd,
+swapon, a memory cgroup, the server), stress-ng for `manage` and
+redis-server for `budget`'s redis rows. `all --quick` leaves `budget` out
+(its own quick run takes about as long as the rest); a full `all` runs it.
 
 Writes bench/results/results.json, results.md and *.png; `--json FILE`
 writes the JSON there too. A full `all` run also rewrites bench/RESULTS.md.
@@ -26,7 +29,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import kernel, procs, report, runs, stress
+from . import budget, kernel, procs, report, runs, stress
 
 BENCHES = ("zap", "reclaim", "fault", "policy", "manage")
 HERE = Path(__file__).resolve().parent
@@ -52,6 +55,21 @@ of its own (the worst case for zaps), and one thread busy. (7) stress-ng
 bogo-ops/s depend on what else the 2 CPUs do: plain and managed run back to back.
 (8) busy-reclaim's "managed" bytes are every managed mapping of the workers,
 including heap reserves never touched, so reclaimed / resident is given beside it.
+(9) budget: the budget is a share of the program's footprint (its memory cgroup's
+usage once loaded, unlimited). The kernel rows limit the program's v1 memory cgroup
+to it; zswap (compressor lzo-rle) on cgroup v1 does not charge its pool to the group,
+so kernel-zswap holds the budget plus its pool and its memory_bytes adds
+pool_total_size to the group's usage. The uffdsrv rows limit the managed memory to
+the budget minus what the program has outside managed mappings minus the RAM
+tier's cap (half the budget in uffdsrv-tiered): program budget + pool cap = the
+budget; their memory_bytes is program RSS + server RSS (the server's includes its
+pool and its Python interpreter, given alone as server_rss_idle_bytes). The
+server enforces a budget after the fact (every 50 ms), the kernel at every
+allocation. The page cache is dropped before each row (each program's own file
+pages are charged to its group alike). redis-benchmark draws keys uniformly and
+seeds from the clock; the Zipf rows replay one seeded sequence. zswap's ratio is
+stored_pages x 4096 / pool_total_size; the pool's is stored bytes over compressed
+bytes (pool_ratio, over the pool's whole size, beside it).
 
 """
 
@@ -79,7 +97,7 @@ def _clean(v):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[2])
-    p.add_argument("which", choices=(*BENCHES, "all"))
+    p.add_argument("which", choices=(*BENCHES, "budget", "all"))
     p.add_argument("--quick", action="store_true", help="small sizes: under a minute")
     p.add_argument("--json", metavar="FILE", help="also write the JSON here")
     a = p.parse_args(argv)
@@ -94,10 +112,13 @@ def main(argv=None) -> int:
         console.print(f"bench: not built: {', '.join(missing)} (run make setup)")
         return 2
     which = set(BENCHES) if a.which == "all" else {a.which}
+    if a.which == "all" and not a.quick:
+        which.add("budget")
     if "manage" in which and not stress.available():
         console.print("bench: manage needs stress-ng (apt-get install stress-ng, or make setup)")
         return 2
     plan = runs.Plan.make(a.quick)
+    bplan = budget.Plan.make(a.quick)
     procs.install_signal_handlers()
     started = datetime.datetime.now(datetime.UTC)
     t0 = time.monotonic()
@@ -109,7 +130,8 @@ def main(argv=None) -> int:
                 TextColumn("{task.description:<58}"), BarColumn(),
                 TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                 console=console) as progress:
-            task = progress.add_task("starting", total=plan.steps(which))
+            total = plan.steps(which) + (budget.steps(bplan) if "budget" in which else 0)
+            task = progress.add_task("starting", total=total)
             first = [True]
 
             def step(desc):
@@ -117,13 +139,15 @@ def main(argv=None) -> int:
                     progress.advance(task)
                 first[0] = False
                 progress.update(task, description=desc)
-            for name in BENCHES:
+            for name in (*BENCHES, "budget"):
                 if name in which:
                     b0 = time.monotonic()
+                    run = (budget.budget(plan, Path(tmp), step, bplan) if name == "budget"
+                           else getattr(runs, name)(plan, Path(tmp), step))
                     # closing(): an interrupt that lands between two rows
                     # still runs the benchmark's own exits (servers stopped,
                     # swapoff, cgroup removed) before tmp is deleted
-                    with contextlib.closing(getattr(runs, name)(plan, Path(tmp), step)) as gen:
+                    with contextlib.closing(run) as gen:
                         for row in gen:
                             rows.append(row)
                     took[name] = round(time.monotonic() - b0, 1)
@@ -141,7 +165,7 @@ def main(argv=None) -> int:
             "started": started.isoformat(timespec="seconds"),
             "seconds": time.monotonic() - t0, "kernel": platform.release(),
             "kernel_features": kernel.features(), "cpus": os.cpu_count(),
-            "skipped": runs.SKIPPED,
+            "skipped": runs.SKIPPED + budget.SKIPPED,
             "bench_seconds": took}
     rats = report.ratios(rows)
     doc = {"meta": meta, "rows": [{k: _clean(v) for k, v in r.items()} for r in rows],
@@ -161,6 +185,7 @@ def main(argv=None) -> int:
             + ", ".join(f"`bench/results/{p.name}`" for p in pngs) + " (not committed).\n\n"
             + CAVEATS + md)
     console.print(md, markup=False, highlight=False)
+    console.print(f"took {meta['seconds']:.0f} s")
     console.print(f"wrote {RESULTS}/results.json, results.md, "
                   + ", ".join(p.name for p in pngs), markup=False)
     return 0

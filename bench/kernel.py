@@ -134,8 +134,46 @@ class MemCgroup:
     def unlimit(self) -> None:
         self._limit("-1")
 
+    def limit(self, nbytes: int, steps: int = 16) -> None:
+        """The level the group is held at from now on. The write reclaims
+        the group down to nbytes before it returns, or fails with EBUSY
+        when a few rounds of reclaim did not get there (seen with zswap on:
+        128 MiB down to 32 at once failed); then the limit comes down in
+        steps from the usage, each a reclaim of its own."""
+        nbytes = int(nbytes)
+        try:
+            self._limit(str(nbytes))
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise BenchError(f"write {self.path}/memory.limit_in_bytes: {e}") from None
+        top = self.usage()
+        for k in range(1, steps + 1):
+            level = max(nbytes, top - (top - nbytes) * k // steps)
+            for _ in range(5):
+                try:
+                    self._limit(str(level))
+                    break
+                except OSError as e:
+                    if e.errno != errno.EBUSY:
+                        raise BenchError(f"write {self.path}/memory.limit_in_bytes: {e}") \
+                            from None
+                    time.sleep(0.02)
+            else:
+                raise BenchError(f"{self.path}: the kernel could not reclaim the group to "
+                                 f"{level >> 20} MiB (EBUSY; usage {self.usage() >> 20} MiB)")
+
     def usage(self) -> int:
         return int((self.path / "memory.usage_in_bytes").read_text())
+
+    def stat(self) -> dict[str, int]:
+        """memory.stat: its own counters (pgmajfault, swap, rss, cache, ...)."""
+        out = {}
+        for line in (self.path / "memory.stat").read_text().splitlines():
+            k, _, v = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                out[k] = int(v)
+        return out
 
     def push_out(self, swapstat, tries: int = 6) -> dict:
         """Reclaims the group down to a few MiB, so that its pages go to
@@ -227,6 +265,84 @@ def major_faults(pid: int) -> int:
     """Field 12 of /proc/PID/stat: faults that had to read from a device."""
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[9])
+
+
+ZSWAP = Path("/sys/module/zswap/parameters")
+DEBUGFS = Path("/sys/kernel/debug")
+
+
+class Zswap:
+    """zswap on, with the given compressor, for the duration of a `with`
+    block; every parameter it changes is written back on the way out (also
+    through procs.cleanup()), and debugfs unmounted again if it mounted it.
+
+    How zswap behaves here (6.18): a page on its way to a swap device is
+    compressed into a zsmalloc pool instead (the zpool parameter is gone;
+    zsmalloc is the only backend) unless it compresses to a page or more,
+    then it goes to the device as it is. A swap-in from the pool is a
+    decompression, still counted as a major fault. The pool's size and
+    what it holds are in debugfs only: zswap/pool_total_size (bytes of the
+    pool) and zswap/stored_pages. Turning zswap off leaves stored pages
+    where they are; they leave when swapped in or freed."""
+
+    def __init__(self, compressor: str = "lzo-rle"):
+        if not (ZSWAP / "enabled").exists():
+            raise BenchError("zswap is not built into this kernel (/sys/module/zswap)")
+        self.compressor = compressor
+        self.saved: dict[str, str] = {}
+        self.mounted = False
+
+    def _set(self, name: str, value: str) -> None:
+        f = ZSWAP / name
+        if name not in self.saved:
+            self.saved[name] = f.read_text().strip()
+        try:
+            f.write_text(value)
+        except OSError as e:
+            raise BenchError(f"write {f} {value}: {e}") from None
+
+    def __enter__(self):
+        procs.RESOURCES.append(self)
+        if not (DEBUGFS / "zswap").exists():
+            if not os.path.ismount(DEBUGFS):
+                run(["mount", "-t", "debugfs", "none", str(DEBUGFS)])
+                self.mounted = True
+        # the compressor first: pages stored from now on use it
+        self._set("compressor", self.compressor)
+        self._set("enabled", "Y")
+        got = (ZSWAP / "compressor").read_text().strip()
+        if got != self.compressor:
+            raise BenchError(f"zswap took compressor {got!r}, not {self.compressor!r}")
+        return self
+
+    def stats(self) -> dict[str, int]:
+        """Every counter of /sys/kernel/debug/zswap (stored_pages,
+        pool_total_size, written_back_pages, reject_*); {} if unreadable."""
+        out = {}
+        with contextlib.suppress(OSError):
+            for f in (DEBUGFS / "zswap").iterdir():
+                with contextlib.suppress(OSError, ValueError):
+                    out[f.name] = int(f.read_text().split()[0])
+        return out
+
+    def close(self) -> None:
+        # off first, so nothing more is stored with a compressor being changed
+        for name in sorted(self.saved, key=lambda n: n != "enabled"):
+            try:
+                (ZSWAP / name).write_text(self.saved[name])
+            except OSError as e:
+                print(f"bench: could not restore zswap {name}={self.saved[name]}: {e}",
+                      file=sys.stderr)
+        self.saved.clear()
+        if self.mounted:
+            r = subprocess.run(["umount", str(DEBUGFS)], capture_output=True, text=True)
+            if r.returncode == 0:
+                self.mounted = False
+
+    def __exit__(self, *exc):
+        self.close()
+        if self in procs.RESOURCES:
+            procs.RESOURCES.remove(self)
 
 
 # ---- what the running kernel grants ----------------------------------------------------

@@ -123,4 +123,43 @@ def plots(rows, outdir: Path) -> list[Path]:
         made.append(outdir / "manage.png")
         fig.savefig(made[-1], dpi=110)
         plt.close(fig)
+    bg = _sel(rows, bench="budget")
+    if bg:
+        made.append(_budget(plt, bg, outdir / "budget.png"))
     return made
+
+
+BUDGET_METHODS = ("none", "kernel-swap", "kernel-zswap", "uffdsrv-disk", "uffdsrv-tiered")
+
+
+def _budget(plt, bg, path: Path) -> Path:
+    """Throughput relative to `none`, and memory in use over the budget,
+    per method, grouped by workload and budget; a missing bar is a row that
+    was skipped or failed (its note is in the table)."""
+    groups = sorted({(r["workload"], r["budget"]) for r in bg},
+                    key=lambda g: (g[0] != "zipf", g[1]))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+    w = 0.8 / len(BUDGET_METHODS)
+    for i, m in enumerate(BUDGET_METHODS):
+        rel, mem = [], []
+        for wl, frac in groups:
+            r = _sel(bg, workload=wl, budget=frac, method=m)
+            e = r[0]["extra"] if r else {}
+            rel.append(e.get("relative") or 0)
+            mem.append(r[0]["memory_bytes"] / e["budget_bytes"]
+                       if r and r[0]["memory_bytes"] and e.get("budget_bytes") else 0)
+        xs = [k + (i - (len(BUDGET_METHODS) - 1) / 2) * w for k in range(len(groups))]
+        axes[0].bar(xs, [max(v, 1e-4) for v in rel], w, label=m)
+        axes[1].bar(xs, mem, w, label=m)
+    for ax, title in zip(axes, ("ops/s relative to none (higher is better; log)",
+                                "memory in use / budget (uffdsrv: program + server RSS)")):
+        ax.set_xticks(range(len(groups)), [f"{wl}\n{frac:.0%}" for wl, frac in groups])
+        ax.set_title(title, fontsize=10)
+    axes[0].set_yscale("log")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center",
+               ncol=len(BUDGET_METHODS), fontsize=8)
+    axes[1].axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -91,7 +91,42 @@ def ratios(rows) -> list[dict]:
             _med(b, "reclaimed_bytes"), _med(b, "resident_bytes"))
     if "policy" in have:
         _policy_ratios(rows, add, out)
+    if "budget" in have:
+        _budget_ratios(rows, add)
     return out
+
+
+def _budget_ratios(rows, add) -> None:
+    """Issue 13's targets, from one run's budget rows."""
+    def fig(workload, frac, method, field="ops_per_s"):
+        r = _sel(rows, bench="budget", workload=workload, budget=frac, method=method)
+        return (r[0].get(field) if field in r[0] else r[0]["extra"].get(field)) if r else None
+
+    def best(workload, frac, methods):
+        vals = [v for m in methods if (v := fig(workload, frac, m)) is not None]
+        return max(vals) if vals else None
+    for us, them in (("uffdsrv-disk", "kernel-swap"), ("uffdsrv-tiered", "kernel-zswap")):
+        add(f"budget zipf 25%: ops/s, {us} / {them}", fig("zipf", 0.25, us),
+            fig("zipf", 0.25, them), ">=", 1.0)
+    add("budget redis 50%: GET/s, best uffdsrv / best kernel",
+        best("redis", 0.5, ("uffdsrv-disk", "uffdsrv-tiered")),
+        best("redis", 0.5, ("kernel-swap", "kernel-zswap")), ">=", 1.0)
+    add("budget zipf 25%: compression ratio, RAM tier (stored / compressed bytes) / zswap "
+        "(stored / pool_total_size)", fig("zipf", 0.25, "uffdsrv-tiered", "compression_ratio"),
+        fig("zipf", 0.25, "kernel-zswap", "compression_ratio"), ">=", 0.95)
+    t = _sel(rows, bench="budget", workload="zipf", budget=0.25, method="uffdsrv-tiered")
+    add("budget zipf 25%: compression ratio over the whole pool, RAM tier / zswap",
+        ((t[0]["extra"].get("tier") or {}).get("pool_ratio") if t else None),
+        fig("zipf", 0.25, "kernel-zswap", "compression_ratio"))
+    for us, them in (("uffdsrv-disk", "kernel-swap"), ("uffdsrv-tiered", "kernel-zswap")):
+        add(f"budget zipf 25%: memory in use, {us} / {them}", fig("zipf", 0.25, us,
+            "memory_bytes"), fig("zipf", 0.25, them, "memory_bytes"), "<=", 1.05,
+            "uffdsrv: program RSS + server RSS; kernel: cgroup usage (+ zswap pool)")
+        m, idle = fig("zipf", 0.25, us, "memory_bytes"), fig("zipf", 0.25, us,
+                                                           "server_rss_idle_bytes")
+        add(f"budget zipf 25%: memory in use less the idle server's RSS, {us} / {them}",
+            m - idle if m is not None and idle is not None else None,
+            fig("zipf", 0.25, them, "memory_bytes"))
 
 
 def _reclaim_ratios(rows, add, absolute) -> None:
@@ -343,6 +378,21 @@ def markdown(rows, rats, meta) -> str:
                      [[r["pattern"], r["method"], r["refaults_per_1000"], r["accesses_per_s"],
                        r["pages_per_swap_fault"], r["warmup_refaults_per_1000"], r["accesses"],
                        r["refaults"], r["readahead_pages"]] for r in pol])
+    bg = _sel(rows, bench="budget")
+    if bg:
+        md += ["", "### budget (the same workload held at a share of its footprint; "
+               "relative = ops/s over `none`'s; memory: cgroup usage (+ zswap pool) for the "
+               "kernel, program + server RSS for uffdsrv; major faults: the program's for "
+               "the kernel, faults served from swap or the RAM tier for uffdsrv)", ""]
+        md += _table(["workload", "budget", "method", "ops/s", "relative", "p99 µs",
+                      "major faults", "memory MiB", "budget MiB", "compression", "note"],
+                     [[r["workload"], f"{r['budget']:.0%}", r["method"], r["ops_per_s"],
+                       r["extra"].get("relative"), r["p99_us"], r["major_faults"],
+                       r["memory_bytes"] / (1 << 20) if r["memory_bytes"] else None,
+                       (r["extra"].get("budget_bytes") or 0) / (1 << 20),
+                       r["compression_ratio"],
+                       r["extra"].get("skipped") or r["extra"].get("failed") or ""]
+                      for r in bg])
     return "\n".join(md) + "\n"
 
 
