@@ -342,7 +342,7 @@ class FaultPath:
         or came short. It is tried again; a slot that stays unreadable ends
         the fault as the kernel's swap does: SIGBUS, never wrong bytes and
         never a wait for ever."""
-        self.metrics.error("swap_read")
+        # (the engine has counted the failed read: errors_total{kind="swap_read"})
         tries = client.read_failures.pop(addr, 0) + 1
         why = errno.errorcode.get(-err, err) if err else "short read"
         if tries < SWAP_READ_TRIES:
