@@ -22,6 +22,8 @@ class Batch:
         self.addrs = region.start + idx.astype(np.int64) * PAGE
         self.slots = np.full(len(idx), -1, dtype=np.int64)
         self.zap_sent = False
+        self.settled = False
+        self.answer = None  # the shell's wait for the zap's answer, while it may come
         self.held: list[int] = []  # fault addresses waiting for the batch to settle
         region.state[idx] = INFLIGHT
         region.batch[idx] = self.id
@@ -103,7 +105,13 @@ class Batch:
         """The batch is over: every REMOVE its zap caused has been applied.
         Pages that ended SWAPPED keep their slot (the region owns it now);
         pages still in flight were not zapped and become resident again;
-        every other slot goes back. Returns the addresses to unprotect."""
+        every other slot goes back. Returns the addresses to unprotect.
+        A batch settles once: a second call (two paths that each thought
+        the batch was theirs to end) changes nothing, where it would hand
+        the same slots back twice."""
+        if self.settled:
+            return np.zeros(0, np.int64)
+        self.settled = True
         keep = np.zeros(len(self.addrs), dtype=bool)
         unprotect = []
         for r, idx, pos in self._located(pages):

@@ -10,6 +10,12 @@ cancels that page; after, it waits until the batch settles.
 
 While the zap request is out, the loop keeps reading the uffd: the agent's
 zapping thread blocks on every REMOVE until the server has read it.
+
+A ZAP cannot be taken back once sent, so a batch never gives its pages
+back while its zap may still run; an answer later than zaps.ZAP_TIMEOUT
+ends the request, and the batch settles when it comes (zaps.py). A page
+counts as reclaimed only once the zap dropped it. No batch goes on to its
+zap while the server is stopping or once the agent is gone.
 """
 import asyncio
 import errno
@@ -25,6 +31,7 @@ from ..core.batch import Batch, bridgeable_gaps
 from ..core.pages import PAGE, RESIDENT, SWAPPED
 from ..core.ranges import byte_ranges, paired_runs, runs
 from ..system import proc, uffd
+from . import zaps
 from .managed import ManagedProcess
 
 log = logging.getLogger("uffdsrv.reclaim")
@@ -60,10 +67,17 @@ class ReclaimPath:
         self.serve_held = serve_held
         self.full_logged = False
         self.rng = np.random.default_rng()
+        self.stopping = False  # set by the server's stop: no batch goes on to its zap
+
+    def _may_go_on(self, client: ManagedProcess) -> bool:
+        return not (self.stopping or client.closed or client.agent is None)
 
     async def reclaim(self, client: ManagedProcess, keep_bytes: int = 0) -> int:
         """Reclaim until the client's resident managed memory is at most
-        keep_bytes, or nothing more can go. Returns bytes reclaimed."""
+        keep_bytes, or nothing more can go. Returns bytes reclaimed (pages
+        whose zap dropped them)."""
+        if self.stopping:
+            return 0
         if client.agent is None:
             # after a restart the agents come back within a few 100 ms
             try:
@@ -71,6 +85,9 @@ class ReclaimPath:
             except TimeoutError:
                 raise NoAgent(f"pid {client.pid} has no agent connected to zap its pages") \
                     from None
+        if client.recovering:
+            # a zap of its own is unanswered: nothing more goes until it is
+            return 0
         reclaimed = 0
         async with client.reclaim_lock:
             await self.rescan(client)
@@ -81,7 +98,7 @@ class ReclaimPath:
             # on the device or on its zap (a batch's pages are in flight,
             # not resident, so the next one never picks them again).
             running: set[asyncio.Future] = set()
-            while not client.closed and budget > 0:
+            while self._may_go_on(client) and not client.recovering and budget > 0:
                 excess = client.pages.count(RESIDENT) - keep_bytes // PAGE
                 if excess <= 0:
                     break
@@ -103,7 +120,7 @@ class ReclaimPath:
                 if len(running) < PIPELINE:
                     continue
                 done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                got = sum(t.result() for t in done)
+                got = sum(t.result() for t in done)  # batch() logs its errors, never raises
                 reclaimed += got
                 if got == 0 and self.swap.slots.free == 0:
                     break
@@ -118,7 +135,7 @@ class ReclaimPath:
         buf = None
         reclaimed = 0
         zapped = covered = None
-        settled = False
+        settled = late = False
         try:
             starts, lens = byte_ranges(region.start, idx)
             # protect across gaps of absent pages: one ioctl and one TLB
@@ -128,6 +145,8 @@ class ReclaimPath:
             if not await self._protect(client, wp):
                 return 0
             buf = await self.buffers.acquire()
+            if not self._may_go_on(client):
+                return 0
             n = len(idx)
             got = await self.loop.run_in_executor(
                 self.executor, proc.vm_readv, client.pid, buf, starts, lens)
@@ -155,7 +174,9 @@ class ReclaimPath:
             self.buffers.release(buf)
             buf = None
             live = b.inflight(pages)
-            if not len(live):
+            if not len(live) or not self._may_go_on(client):
+                # a stopping server could not wait for the answer, and the
+                # agent must never run a zap nobody waits for
                 return 0
             # zap across gaps of absent pages too: one REMOVE round trip per run
             r0, _ = pages.find(int(b.addrs[live[0]]))
@@ -182,12 +203,21 @@ class ReclaimPath:
             zapped, covered = b.addrs[live], b.addrs[zap_pos]
             b.expect_zap(pages, zap_pos)
             t_zap = time.monotonic()
-            results = await asyncio.gather(*client.agent.zap(zstarts, zlens))
-            self.metrics.zapped(len(zstarts), [len(zstarts[i:i + 1024])
-                                               for i in range(0, len(zstarts), 1024)],
-                                time.monotonic() - t_zap)
-            settled = await self._removes_read(client, b, live, results, zstarts, zlens)
-            reclaimed = len(live) * PAGE
+            b.answer = asyncio.gather(*client.agent.zap(zstarts, zlens))
+            try:
+                results = await asyncio.wait_for(asyncio.shield(b.answer), zaps.ZAP_TIMEOUT)
+            except TimeoutError:
+                late = True
+                zaps.stalled(client, b, self.metrics)
+                asyncio.ensure_future(self._late(client, b, live, zstarts, zlens, zapped,
+                                                 covered, t0))
+                return 0
+            self._zapped(zstarts, t_zap)
+            want = await zaps.removes_read(self.ring, client, b, live, results, zstarts, zlens,
+                                           self.metrics)
+            settled = want is not None
+            if settled:
+                reclaimed = zaps.dropped(pages, want) * PAGE
             return reclaimed
         except OSError as e:
             if client.closed or e.errno == errno.ESRCH:
@@ -195,8 +225,14 @@ class ReclaimPath:
             log.warning("reclaim batch of pid %s failed: %s", client.pid, e)
             self.metrics.error("reclaim")
             return 0
+        except Exception:  # a bug: this batch ends, the request and the others go on
+            log.exception("reclaim batch of pid %s failed", client.pid)
+            self.metrics.error("reclaim")
+            return 0
         finally:
-            if b.zap_sent and not settled and not client.closed:
+            if late:
+                pass  # _late settles it when the answer comes, or the agent's HELLO does
+            elif b.zap_sent and not settled and not client.closed:
                 # The agent may still be zapping (its connection broke, or
                 # its REMOVEs are late): settling now could hand back pages
                 # it is about to drop. Hold the batch until the agent says
@@ -233,9 +269,42 @@ class ReclaimPath:
                     self.metrics.error("writeprotect")
                 return False
 
+    async def _late(self, client: ManagedProcess, b: Batch, live, zstarts, zlens, zapped,
+                    covered, t0: float) -> None:
+        """The rest of a batch whose answer was late: settle it when the
+        agent answers. If the agent goes away instead, the batch stays in
+        `recovering` until its HELLO (the zap may run before that)."""
+        try:
+            results = await b.answer
+        except Exception:
+            return
+        if client.closed or b not in client.recovering:
+            return
+        self._zapped(zstarts, t0)
+        want = await zaps.removes_read(self.ring, client, b, live, results, zstarts, zlens,
+                                       self.metrics)
+        if want is None or client.closed or b not in client.recovering:
+            return
+        n = zaps.dropped(client.pages, want)
+        client.recovering.remove(b)
+        self.settle(client, b, zapped, covered)
+        log.info("pid %s answered its zap after %.1f s; %d pages reclaimed", client.pid,
+                 time.monotonic() - t0, n)
+        if n:
+            self.metrics.reclaimed(n, time.monotonic() - t0)
+
+    def _zapped(self, zstarts, t_zap: float) -> None:
+        self.metrics.zapped(len(zstarts), [len(zstarts[i:i + 1024])
+                                           for i in range(0, len(zstarts), 1024)],
+                            time.monotonic() - t_zap)
+
     def settle(self, client: ManagedProcess, b: Batch, zapped, covered) -> None:
         """The batch is over: journal what did not end swapped, mark its
-        zap settled, hand pages back, and serve the faults it held."""
+        zap settled, hand pages back, and serve the faults it held. Once:
+        a batch already settled is only forgotten."""
+        if b.settled:
+            client.batches.pop(b.id, None)
+            return
         pages, slots = client.pages, self.swap.slots
         if zapped is not None:
             self._journal_unswapped(client, zapped)
@@ -250,7 +319,7 @@ class ReclaimPath:
                 log.debug("unprotect for pid %s: %s", client.pid, e)
         if b.held and not client.closed:
             self.serve_held(client, np.unique(np.array(b.held, dtype=np.int64)))
-        del client.batches[b.id]
+        client.batches.pop(b.id, None)
 
     @staticmethod
     def _absent(client: ManagedProcess, region, idx: np.ndarray) -> np.ndarray | None:
@@ -316,43 +385,6 @@ class ReclaimPath:
         self.metrics.swap_written(int(count.sum()) * PAGE)
         if swap.tier is not None:  # on the device now: the pool is only a faster copy
             swap.tier.store(buf, positions, slots)
-
-    async def _removes_read(self, client, b, live, results, zstarts, zlens) -> None:
-        """The agent has answered; make sure the REMOVE of every range it
-        zapped has been applied before the batch settles. They were read
-        before the agent could answer, so they are in the ring's completion
-        queue now; harvest it, and yield a few times should a completion
-        still be on its way."""
-        done_ranges = 0
-        for (_bytes, ranges_done, error), i in zip(results, range(0, len(zstarts), 1024)):
-            done_ranges = i + ranges_done
-            if error:
-                log.warning("zap for pid %s stopped after %d ranges: %s", client.pid,
-                            done_ranges, errno.errorcode.get(error, error))
-                self.metrics.error("zap")
-                break
-        zapped_end = 0
-        if done_ranges:
-            zapped_end = int(zstarts[done_ranges - 1] + zlens[done_ranges - 1])
-        addrs = b.addrs[live]
-        want = addrs[addrs < zapped_end]
-        for attempt in range(2000):
-            self.ring.harvest()
-            if not self._expecting(client, want):
-                return True
-            await asyncio.sleep(0 if attempt < 1000 else 0.001)
-        log.error("pid %s: REMOVE events of a zap never arrived", client.pid)
-        return False
-
-    def _expecting(self, client, addrs) -> bool:
-        if not len(addrs):
-            return False
-        r, i = client.pages.find(int(addrs[0]))
-        if r is None:
-            return False
-        idx = (addrs - r.start) // PAGE
-        idx = idx[(idx >= 0) & (idx < r.npages)]
-        return bool(np.any(r.expect[idx] > 0))
 
     @staticmethod
     def _ranges(addrs: np.ndarray):

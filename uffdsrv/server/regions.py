@@ -123,6 +123,8 @@ class Regions:
     def unregister_all(self, client: ManagedProcess) -> None:
         """At a graceful stop, once every page is back: the program goes on
         unmanaged."""
+        if client.closed:
+            return
         ranges = [(r.start, r.npages * PAGE) for r in client.pages.regions]
         if client.beacon:
             ranges.append((client.beacon, PAGE))
