@@ -6,9 +6,11 @@ managed, budget_loop.py holds budgets, takeover.py adopts what a dead
 server left), the control socket and the metrics endpoint. Each agent
 that says HELLO becomes a ManagedProcess whose uffd the ring reads.
 
-Stop (SIGTERM/SIGINT): let reclaim batches in flight settle, put every
-reclaimed page back into its program, unregister, and exit; the programs
-go on unmanaged with all their data.
+Stop (SIGTERM/SIGINT): wait (5 s at most) for every zap sent to be
+answered, put every reclaimed page back into its program, unregister, and
+exit; the programs go on unmanaged with all their data. A program whose
+zap is unanswered, or whose pages could not all be put back, stays
+registered, its page map in the journal, for the next server (zaps.py).
 """
 import asyncio
 import concurrent.futures
@@ -37,6 +39,7 @@ from .regions import Regions
 from .requests import Requests
 from .swap import Pool, SwapError, SwapFile
 from .takeover import Takeover
+from .zaps import must_stay, wait_for_zaps, zap_outstanding
 
 log = logging.getLogger("uffdsrv")
 FAULT_BUFFERS = 256
@@ -127,22 +130,35 @@ class Server:
             await self.shutdown()
 
     async def shutdown(self) -> None:
-        log.info("stopping: putting every reclaimed page back")
+        """Settle the zaps in flight (zaps.py), then put every page back and
+        unregister; one client's failure is logged and the others go on."""
+        log.info("stopping: settling zaps in flight, putting every reclaimed page back")
+        self.reclaimer.stopping = True
+        await wait_for_zaps(self.clients)
         self.control.close()
         for c in self.clients.all():
             async with c.reclaim_lock:  # batches in flight settle first
                 pass
-        restored = 0
-        for c in self.clients.all():
-            restored += await self.faults.restore(c)
-            self.regions.unregister_all(c)
-            self.release(c)
+        restored = left = 0
+        for c in self.clients.live():
+            try:
+                if not zap_outstanding(c):
+                    restored += await self.faults.restore(c)
+                why = None if c.closed else must_stay(c)
+                if why is not None:
+                    log.warning("pid %s %s; left registered for the next server", c.pid, why)
+                    left += 1
+                    continue
+                self.regions.unregister_all(c)
+                self.release(c)
+            except Exception:
+                log.exception("pid %s: letting it go failed; going on with the others", c.pid)
         self.ring.harvest()
         self.journal.rewrite(journal.snapshot(self.clients.journaled()))
         self.journal.close()
         self.executor.shutdown(wait=False)
         self.swap.close()
-        log.info("stopped; %d pages put back", restored)
+        log.info("stopped; %d pages put back, %d programs left registered", restored, left)
 
     async def _compact_forever(self) -> None:
         """Rewrite the journal from the live state once it has grown, while

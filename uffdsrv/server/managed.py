@@ -2,6 +2,7 @@
 link to its agent, and the work in flight on it; and the registry of all
 of them, which every path is handed instead of the whole server."""
 import asyncio
+import errno
 import os
 import socket
 
@@ -21,16 +22,29 @@ class AgentLink:
         self._seq = 0
 
     def zap(self, starts, lengths) -> list[asyncio.Future]:
+        """One ZAP per MAX_ZAP_RANGES ranges, and a future for each one's
+        ZAP_DONE. The agent runs what reached its socket, in order; a ZAP
+        that cannot be sent (a stopped or frozen program does not read its
+        socket, which then fills up) and every one after it are answered
+        at once as not done, with the send's errno, so the batch waits
+        only for what was sent."""
         loop = asyncio.get_running_loop()
-        futs = []
+        futs, err = [], 0
         for i in range(0, len(starts), protocol.MAX_ZAP_RANGES):
-            self._seq += 1
             fut = loop.create_future()
-            self.waiting[self._seq] = fut
-            self.sock.send(protocol.pack_zap(self._seq, starts[i:i + protocol.MAX_ZAP_RANGES],
-                                             lengths[i:i + protocol.MAX_ZAP_RANGES],
-                                             self.zap_flags))
             futs.append(fut)
+            if not err:
+                self._seq += 1
+                try:
+                    self.sock.send(protocol.pack_zap(
+                        self._seq, starts[i:i + protocol.MAX_ZAP_RANGES],
+                        lengths[i:i + protocol.MAX_ZAP_RANGES], self.zap_flags))
+                except OSError as e:
+                    err = e.errno or errno.EIO
+                else:
+                    self.waiting[self._seq] = fut
+                    continue
+            fut.set_result((0, 0, err))
         return futs
 
     def answered(self, seq: int, result) -> None:
