@@ -10,8 +10,10 @@
  *
  *   read OFF LEN [COUNT]   reads of /swap that overlap [OFF, OFF+LEN) fail;
  *   write OFF LEN [COUNT]  so do writes; with COUNT > 0 only the next COUNT
- *                          of them fail, then they work again. OFF or LEN
- *                          "all" means from 0 / to the end of any file.
+ *                          of them fail, then they work again; with COUNT
+ *                          "Nms", they fail for N ms from the first one
+ *                          (a hiccup of the disk). OFF or LEN "all" means
+ *                          from 0 / to the end of any file.
  *   ok                     nothing fails any more
  *
  * and reading /.ctl tells what has happened so far:
@@ -42,6 +44,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <time.h>
 #include <unistd.h>
 
 #define SWAP_PATH "/swap"
@@ -54,7 +57,15 @@ struct rule {
     enum kind kind;
     uint64_t lo, hi; /* bytes [lo, hi) */
     int64_t left;    /* failures still to come; < 0: for ever */
+    int64_t ms;      /* > 0: fail for this long from the first failure */
+    int64_t until;   /* then: when that is over (ns, CLOCK_MONOTONIC); 0: not begun */
 };
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
 
 static int backing = -1;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -65,6 +76,7 @@ static uint64_t nreads, nwrites, failed_reads, failed_writes;
 /* Whether a request of `kind` on [off, off+len) fails; counts it. */
 static int fails(enum kind kind, uint64_t off, uint64_t len) {
     int bad = 0;
+    int64_t now = now_ns();
     pthread_mutex_lock(&mu);
     if (kind == K_READ)
         nreads++;
@@ -73,6 +85,13 @@ static int fails(enum kind kind, uint64_t off, uint64_t len) {
     for (int r = 0; r < nrules && !bad; r++) {
         struct rule *u = &rules[r];
         if (u->kind != kind || u->left == 0 || off >= u->hi || off + len <= u->lo) continue;
+        if (u->ms > 0) {
+            if (!u->until) u->until = now + u->ms * 1000000;
+            if (now >= u->until) {
+                u->left = 0; /* the hiccup is over */
+                continue;
+            }
+        }
         bad = 1;
         if (u->left > 0) u->left--;
     }
@@ -101,9 +120,20 @@ static int parse_u64(const char *s, uint64_t all, uint64_t *v) {
 
 /* One command line; 0 or -EINVAL. */
 static int command(const char *line) {
-    char verb[16], a[32], b[32];
-    long long count = -1;
-    int n = sscanf(line, "%15s %31s %31s %lld", verb, a, b, &count);
+    char verb[16], a[32], b[32], c[32];
+    long long count = -1, ms = 0;
+    int n = sscanf(line, "%15s %31s %31s %31s", verb, a, b, c);
+    if (n == 4) {
+        char *end;
+        count = strtoll(c, &end, 10);
+        if (end == c || count <= 0) return -EINVAL;
+        if (!strcmp(end, "ms")) {
+            ms = count;
+            count = -1;
+        } else if (*end) {
+            return -EINVAL;
+        }
+    }
     if (n == 1 && !strcmp(verb, "ok")) {
         pthread_mutex_lock(&mu);
         nrules = 0;
@@ -115,7 +145,7 @@ static int command(const char *line) {
     if (parse_u64(a, 0, &off) || parse_u64(b, UINT64_MAX, &len) || len == 0) return -EINVAL;
     struct rule u = {.kind = verb[0] == 'r' ? K_READ : K_WRITE, .lo = off,
                      .hi = len > UINT64_MAX - off ? UINT64_MAX : off + len,
-                     .left = n == 4 && count > 0 ? count : -1};
+                     .left = count > 0 ? count : -1, .ms = ms};
     int err = 0;
     pthread_mutex_lock(&mu);
     if (nrules == MAX_RULES)

@@ -166,8 +166,8 @@ def start_server(tmp: Path, fs: FaultyFS) -> tuple[Server, int]:
     return s, port
 
 
-def filled(s: Server, mib: int, seed: int = 1) -> Workload:
-    w = Workload(s.socket, mib=mib, threads=1, seed=seed)
+def filled(s: Server, mib: int, seed: int = 1, threads: int = 1) -> Workload:
+    w = Workload(s.socket, mib=mib, threads=threads, seed=seed)
     wait_client(s, w.pid)
     w.cmd("fill 1")
     wait_until(lambda: s.client(w.pid)["managed_bytes"] >= mib * MIB,
@@ -293,11 +293,14 @@ def test_one_failed_batch_keeps_its_pages_and_the_others_go(faulty, tmp_path):
         stopped(s)
 
 
-def test_unreadable_pages_end_in_sigbus_and_other_clients_go_on(faulty, tmp_path):
+@pytest.mark.parametrize("threads", [1, 4])
+def test_unreadable_pages_end_in_sigbus_and_other_clients_go_on(faulty, tmp_path, threads):
+    """Every slot of one program is unreadable; with 4 threads, each
+    faults on its own bad page at once."""
     s, port = start_server(tmp_path, faulty)
     a = b = None
     try:
-        a, b = filled(s, 4, seed=1), filled(s, 4, seed=2)
+        a, b = filled(s, 4, seed=1, threads=threads), filled(s, 4, seed=2)
         assert s.reclaim(a.pid) >= 3 * MIB and s.reclaim(b.pid) >= 3 * MIB
         sa = faulty.slots_of(a.npages, 1, 1)
         sb = faulty.slots_of(b.npages, 2, 1)
@@ -350,6 +353,29 @@ def test_a_read_that_fails_twice_is_retried_and_serves_the_right_bytes(faulty, t
         stopped(s)
 
 
+def test_a_hiccup_shorter_than_the_retries_loses_nothing(faulty, tmp_path):
+    """The disk fails every read for 200 ms. The server's tries of a slot
+    are spaced 0.1 s, then 0.2 s (server/faults.py), so the last comes
+    0.3 s after the first failure, when the disk is back: the program gets
+    its bytes, no SIGBUS. Two tries at once (a woken thread's fault and the
+    retry of the same page, both read) would spend the tries within the
+    hiccup."""
+    s, port = start_server(tmp_path, faulty)
+    w = None
+    try:
+        w = filled(s, 4)
+        assert s.reclaim(w.pid) >= 3 * MIB
+        faulty.set("read all all 200ms")
+        assert w.verify() == (w.npages, 0)
+        log = s.log_text()
+        assert faulty.counters()["failed_reads"] >= 1, faulty.counters()
+        assert "cannot be read" not in log, log
+    finally:
+        if w is not None:
+            w.close()
+        stopped(s)
+
+
 def test_one_bad_slot_fails_only_its_own_page(faulty, tmp_path):
     """The kernel's swap readahead drops a neighbour it cannot read; only
     the faulting page's own slot ends in SIGBUS. Here one slot in the
@@ -378,3 +404,16 @@ def test_one_bad_slot_fails_only_its_own_page(faulty, tmp_path):
         if w is not None:
             w.close()
         stopped(s)
+
+
+def test_a_disk_unreadable_at_start_is_refused_by_name(faulty, tmp_path):
+    """The server reads the first slot at start to learn whether direct
+    I/O works; a disk that fails it is refused with the error named, not
+    taken on to fail every fault later."""
+    faulty.set("read all all")
+    s = Server(tmp_path, swap_size="64M", swap=faulty.swap, state_dir=str(tmp_path / "state"))
+    with pytest.raises(AssertionError) as e:
+        s.start()
+    assert "exited with 2" in str(e.value) and "Input/output error" in str(e.value), e.value
+    assert "Traceback" not in s.log_text(), s.log_text()
+    assert faulty.counters()["failed_reads"] >= 1

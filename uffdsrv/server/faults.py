@@ -364,13 +364,13 @@ class FaultPath:
             self.loop.call_later(0.1, self._refault, client, addr + PAGE, npages - 1)
 
     def _refault(self, client: ManagedProcess, start: int, npages: int) -> None:
-        """Pages of a swap-in that were not put back: other threads may wait
-        on any of them. Wake them all so they fault again, and serve the
-        first one now."""
+        """Pages of a swap-in that were not put back: serve the first now, and
+        wake who waits on the others (a woken first was read twice at once)."""
         if client.closed:
             return
         try:
-            uffd.wake(client.uffd, [start], [npages * PAGE])
+            if npages > 1:
+                uffd.wake(client.uffd, [start + PAGE], [(npages - 1) * PAGE])
         except OSError:
             pass
         self.retry(client, start)
