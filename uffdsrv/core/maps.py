@@ -70,3 +70,46 @@ def too_large(maps: list[Mapping], min_bytes: int, max_bytes: int,
     every = eligible(maps, min_bytes, exclude)
     kept = set(eligible(maps, min_bytes, exclude, max_bytes=max_bytes))
     return [m for m in every if m not in kept]
+
+
+def locked(smaps: str) -> list[tuple[int, int]]:
+    """(start, end) of the mappings in /proc/PID/smaps text whose VmFlags
+    hold `lo` (VM_LOCKED: mlock, mlockall, MAP_LOCKED). The kernel refuses
+    MADV_DONTNEED on them (EINVAL, before any REMOVE is raised), so their
+    pages cannot be reclaimed: each would be written to swap for nothing.
+    mlock splits a mapping at its bounds, so each locked part is a mapping
+    of its own."""
+    out, cur = [], None
+    for line in smaps.splitlines():
+        head = line.split(None, 1)
+        if not head:
+            continue
+        if head[0] == "VmFlags:":
+            if cur is not None and "lo" in line.split()[1:]:
+                if out and out[-1][1] == cur[0]:
+                    out[-1] = (out[-1][0], cur[1])
+                else:
+                    out.append(cur)
+            cur = None
+        elif "-" in head[0] and not head[0].endswith(":"):
+            lo, _, hi = head[0].partition("-")
+            try:
+                cur = (int(lo, 16), int(hi, 16))
+            except ValueError:
+                cur = None
+    return out
+
+
+def overlap(ranges, other) -> list[tuple[int, int]]:
+    """The parts of the sorted, disjoint (start, end) `ranges` that the
+    sorted, disjoint `other` cover."""
+    out, j = [], 0
+    other = list(other)
+    for s, e in ranges:
+        while j < len(other) and other[j][1] <= s:
+            j += 1
+        k = j
+        while k < len(other) and other[k][0] < e:
+            out.append((max(s, other[k][0]), min(e, other[k][1])))
+            k += 1
+    return out

@@ -6,6 +6,13 @@ reclaim and every second); a program using the explicit API names its
 ranges itself. Either way: register first, then read which pages are
 present (pagemap), so that no page can become present unseen in between;
 a page never present is a zero page.
+
+Locked memory (mlock, mlockall, MAP_LOCKED: `lo` in VmFlags) is never
+managed: the kernel refuses to drop its pages (MADV_DONTNEED fails with
+EINVAL), so reclaiming it would write pages to swap for nothing, on every
+pass. A managed range that becomes locked is let go at the next rescan
+(every second, and before each reclaim) once no batch holds a page of it;
+one unlocked again is managed again by the rescan of a `run` program.
 """
 import asyncio
 import errno
@@ -14,7 +21,7 @@ import logging
 from ..core import journal, maps
 from ..core.pages import PAGE
 from ..core.policy import now_ms
-from ..system import proc, uffd
+from ..system import proc, procfs, uffd
 from .journal_file import JournalFile
 from .managed import ManagedProcess, Registry
 
@@ -35,17 +42,23 @@ class Regions:
         self.restore = restore
 
     async def rescan(self, client: ManagedProcess) -> None:
-        """Manage the eligible mappings of the process that are not yet
-        managed."""
-        if not client.auto_maps or client.pid is None or client.closed:
+        """Let go of what the process locked; manage the eligible mappings
+        of the process that are not yet managed."""
+        if client.pid is None or client.closed:
+            return
+        smaps = procfs.locked_smaps(client.pid)
+        locked = maps.locked(smaps) if smaps else []
+        if locked:
+            await self._let_go_locked(client, locked)
+        if not client.auto_maps or client.closed:
             return
         try:
             parsed = maps.parse(proc.read_maps(client.pid))
         except OSError:
             return
-        found = maps.eligible(parsed, self.min_region, [client.private], max_bytes=self.max_region)
-        for start, end in maps.too_large(parsed, self.min_region, self.max_region,
-                                         [client.private]):
+        skip = [client.private, *locked]
+        found = maps.eligible(parsed, self.min_region, skip, max_bytes=self.max_region)
+        for start, end in maps.too_large(parsed, self.min_region, self.max_region, skip):
             if (start, end) not in client.skipped:
                 client.skipped.add((start, end))
                 log.warning("pid %s: not managing %#x-%#x: %d GiB is more than --max-region "
@@ -62,7 +75,7 @@ class Regions:
         while True:
             await asyncio.sleep(interval)
             for c in self.clients.all():
-                if c.auto_maps and not c.reclaim_lock.locked():
+                if not c.reclaim_lock.locked():
                     try:
                         await self.rescan(c)
                     except Exception:
@@ -108,17 +121,35 @@ class Regions:
     async def unmanage(self, client: ManagedProcess, start: int, end: int) -> None:
         """Put the range's reclaimed pages back, then stop managing it."""
         async with client.reclaim_lock:
-            await self.restore(client, start, end)
+            await self._let_go(client, start, end)
+
+    async def _let_go(self, client: ManagedProcess, start: int, end: int) -> None:
+        await self.restore(client, start, end)
+        if client.closed:
+            return
+        for r, lo, hi in client.pages.overlapping(start, end):
+            try:
+                uffd.unregister(client.uffd, r.start + lo * PAGE, (hi - lo) * PAGE)
+            except OSError as e:
+                log.warning("pid %s: unregister: %s", client.pid, e)
+        client.pages.drop(start, end, self.swap.slots)
+        self.journal.add(journal.UNMAP, client.cid, start, end)
+        self.journal.flush()
+
+    async def _let_go_locked(self, client: ManagedProcess, locked) -> None:
+        """Managed ranges the program locked since: their pages back (mlock
+        faulted most of them in already), then unregistered. A range a
+        batch holds pages of waits for the next rescan: unregistering wakes
+        the faults the batch holds, and they would find zeros."""
+        managed = [(r.start, r.end) for r in client.pages.regions]
+        for s, e in maps.overlap(managed, locked):
+            if any(r.batch[lo:hi].any() for r, lo, hi in client.pages.overlapping(s, e)):
+                continue
+            log.info("pid %s: %#x-%#x is locked in memory (mlock): no longer managed",
+                     client.pid, s, e)
+            await self._let_go(client, s, e)
             if client.closed:
                 return
-            for r, lo, hi in client.pages.overlapping(start, end):
-                try:
-                    uffd.unregister(client.uffd, r.start + lo * PAGE, (hi - lo) * PAGE)
-                except OSError as e:
-                    log.warning("pid %s: unregister: %s", client.pid, e)
-            client.pages.drop(start, end, self.swap.slots)
-            self.journal.add(journal.UNMAP, client.cid, start, end)
-            self.journal.flush()
 
     def unregister_all(self, client: ManagedProcess) -> None:
         """At a graceful stop, once every page is back: the program goes on

@@ -94,3 +94,16 @@ def meminfo() -> dict[str, int]:
         if parts:
             out[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
     return out
+
+
+def locked_smaps(pid: int) -> str | None:
+    """/proc/PID/smaps (whose VmFlags say which mappings are mlocked), or
+    "" when the process locks nothing: VmLck in its status is the cheap
+    look, smaps walks every page table of the process. None when neither
+    can be read."""
+    for line in (_read(f"/proc/{pid}/status") or "").splitlines():
+        if line.startswith("VmLck:"):
+            if int(line.split()[1]) == 0:
+                return ""
+            return _read(f"/proc/{pid}/smaps")
+    return None
