@@ -4,7 +4,9 @@ scraping the server every second on loopback. Every PromQL expression of
 every panel of every dashboard under grafana/dashboards must return data
 through Prometheus' HTTP API; promtool must accept the shipped config and
 find nothing to complain about in /metrics; `uffdsrv top --once` shows the
-same figures; a client's series vanish when it exits."""
+same figures; a client's series vanish when it exits. The server runs a
+RAM tier capped below what a second, compressible program needs, so the
+pool's series (stored pages, ratio, evictions, hits) have real values."""
 import json
 import os
 import pty
@@ -22,10 +24,12 @@ import pytest
 
 from ..conftest import PY, ROOT, Server, Workload, kernel_missing, uffdsrv, wait_client
 from ..support import wait_until
+from .test_ram_tier import PROGRAM, Program
 
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 PROMETHEUS_YML = ROOT / "examples" / "prometheus.yml"
 RATE_INTERVAL = "10s"  # what Grafana would pick for a 1 s scrape interval, give or take
+TIER_CAP = 3 << 20  # the slot index of a 256M swap file and ~1.4 MiB of pool: it fills
 
 
 def free_port() -> int:
@@ -115,9 +119,9 @@ class Cycles(threading.Thread):
     """Rewrite, reclaim and read back the workload, again and again, so
     that every rate window has reclaim, swap-ins and faults in it."""
 
-    def __init__(self, server: Server, w: Workload):
+    def __init__(self, server: Server, w: Workload, t: Program):
         super().__init__(daemon=True)
-        self.server, self.w = server, w
+        self.server, self.w, self.t = server, w, t
         self.stop = threading.Event()
         self.rounds = 0
         self.error: BaseException | None = None
@@ -129,6 +133,11 @@ class Cycles(threading.Thread):
                 assert self.w.cmd(f"write {gen} 2") == "ok"
                 self.server.reclaim(self.w.pid)
                 assert self.w.verify() == (self.w.npages, 0)
+                # the compressible program stays reclaimed between rounds, in
+                # the pool (what it cannot hold is evicted) and on disk
+                assert self.t.verify() == (self.t.npages, 0)
+                self.t.cmd(f"fill text {gen}")
+                self.server.reclaim(self.t.pid)
                 gen += 1
                 self.rounds += 1
                 self.stop.wait(0.2)
@@ -149,16 +158,21 @@ def observed(tmp_path_factory):
         pytest.skip(why)
     tmp = tmp_path_factory.mktemp("observability")
     mport = free_port()
-    s = Server(tmp, swap_size="256M", extra=["--metrics-addr", f"127.0.0.1:{mport}"]).start()
-    w = prom = cycles = None
+    s = Server(tmp, swap_size="256M", extra=["--metrics-addr", f"127.0.0.1:{mport}",
+                                             "--ram-tier", str(TIER_CAP)]).start()
+    w = t = prom = cycles = None
     try:
         w = Workload(s.socket, mib=32, threads=2)
         wait_client(s, w.pid)
         assert w.cmd("fill 1") == "ok"
         assert s.reclaim(w.pid) >= 30 << 20
         assert w.verify() == (w.npages, 0)
+        (tmp / "tier_program.py").write_text(PROGRAM)
+        t = Program(s, tmp / "tier_program.py")
+        t.cmd("fill text 1")
+        s.reclaim(t.pid)
         prom = Prometheus(tmp, f"127.0.0.1:{mport}")
-        cycles = Cycles(s, w)
+        cycles = Cycles(s, w, t)
         cycles.start()
         yield {"server": s, "workload": w, "prometheus": prom, "cycles": cycles,
                "metrics_url": f"http://127.0.0.1:{mport}/metrics"}
@@ -171,6 +185,8 @@ def observed(tmp_path_factory):
             prom.stop()
         if w is not None:
             w.close()
+        if t is not None:
+            t.close()
         code = s.stop()
         log = s.log_text()
         assert "Traceback" not in log, log
@@ -263,7 +279,12 @@ def test_metrics_cover_every_figure(observed):
                  "uffdsrv_zap_ranges_per_call_bucket", "uffdsrv_tlb_shootdowns_total",
                  "uffdsrv_ring_submissions_total", "uffdsrv_ring_entries_submitted_total",
                  "uffdsrv_uffd_events_total", "uffdsrv_errors_total", "uffdsrv_clients",
-                 "uffdsrv_build_info"):
+                 "uffdsrv_build_info", "uffdsrv_swapped_pages", "uffdsrv_memory_saved_bytes",
+                 "uffdsrv_ram_tier_cap_bytes", "uffdsrv_ram_tier_pool_bytes",
+                 "uffdsrv_ram_tier_stored_bytes", "uffdsrv_ram_tier_compression_ratio",
+                 "uffdsrv_ram_tier_same_filled_pages", "uffdsrv_ram_tier_rejected_pages_total",
+                 "uffdsrv_ram_tier_evicted_pages_total", "uffdsrv_ram_tier_dropped_pages_total",
+                 "uffdsrv_ram_tier_lookups_total", "uffdsrv_ram_tier_hit_seconds_total"):
         assert re.search(rf"^{name}[{{ ]", text, re.M), f"{name} is not exposed"
     m = re.search(r'^uffdsrv_faults_total{kind="swap"} (\S+)', text, re.M)
     assert m and float(m[1]) > 0, "no swap-in faults counted"
@@ -281,6 +302,11 @@ def test_top_once_shows_the_same_figures(observed):
     assert row and int(row[2].replace(",", "")) > 0, out
     for needle in ("swap:", "faults/s:", "fault time:", "reclaim:", "zap:", "ring:", "errors:"):
         assert needle in out, out
+    # the pool may be empty at this moment (a round just faulted it all in);
+    # what the random workload had refused is counted for good
+    tier = re.search(r"^ram tier: [\d.,]+ MiB of 3\.0 MiB \(lz4\), [\d,]+ pages \([\d,]+ "
+                     r"same-filled\), ratio ([\d.]+|-) .* rejected ([\d,]+)$", out, re.M)
+    assert tier and int(tier[2].replace(",", "")) >= w.npages, out
     # on a terminal: drawn with rich
     master, slave = pty.openpty()
     try:
@@ -320,6 +346,33 @@ def test_top_mistakes_get_one_line(observed):
         r = uffdsrv("top", *args, "--once", check=False, timeout=60)
         assert r.returncode != 0 and needle in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_ram_tier_figures_reach_prometheus(observed):
+    """What the RAM tier panels show is real: the pool held pages at a
+    ratio above 1, never above its cap, filled up and evicted, and served
+    fault-ins (with their own service time) while the rest came from disk."""
+    prom = observed["prometheus"]
+    wait_for_samples(prom)
+    window = "[1m]"
+
+    def value(expr):
+        return wait_until(lambda: prom.value(expr), timeout=30, message=expr)
+    assert value(f'max_over_time(uffdsrv_swapped_pages{{tier="ram"}}{window})') > 0
+    assert value(f'max_over_time(uffdsrv_swapped_pages{{tier="disk"}}{window})') > 0
+    assert value(f"max_over_time(uffdsrv_ram_tier_compression_ratio{window})") > 1
+    assert value(f"max_over_time(uffdsrv_ram_tier_pool_bytes{window})") <= TIER_CAP
+    for expr in (f"increase(uffdsrv_ram_tier_evicted_pages_total{window})",
+                 f"increase(uffdsrv_ram_tier_rejected_pages_total{window})",  # the random one
+                 f'increase(uffdsrv_ram_tier_lookups_total{{result="hit"}}{window})',
+                 f'increase(uffdsrv_ram_tier_lookups_total{{result="miss"}}{window})',
+                 f'increase(uffdsrv_fault_duration_seconds_count{{kind="tier"}}{window})'):
+        assert value(expr) > 0, expr
+    # one scrape reads the pool and the slots a moment apart: a batch of
+    # fault-ins may fall in between
+    off = prom.value("abs(uffdsrv_memory_saved_bytes + on() uffdsrv_ram_tier_pool_bytes "
+                     "- on() uffdsrv_swap_used_bytes)")
+    assert off is not None and off <= 256 * 4096, "memory saved is not swap in use less the pool"
 
 
 def test_every_dashboard_query_returns_data(observed):
