@@ -252,9 +252,48 @@ def test_a_slot_freed_in_python_drops_its_entry():
 
 
 # --- end to end ----------------------------------------------------------------
-def test_round_trip_of_mixed_pages_is_served_from_the_pool(served):
+def test_tier_from_the_config_file_and_mistakes_get_one_line(program_file, tmp_path):
+    from ..conftest import uffdsrv
+    conf = tmp_path / "uffdsrv.toml"
+    conf.write_text('ram_tier = "16M"\nram_tier_codec = "zstd"\n\n'
+                    '[[client]]\ncomm = "nothing-here"\nbudget = "1G"\n')
+    s = Server(tmp_path, swap_size="64M", extra=["--config", str(conf)]).start()
+    try:
+        t = tier(s)
+        assert (t["cap_bytes"], t["codec"]) == (16 * MIB, "zstd"), t
+    finally:
+        assert s.stop() == 0, s.log_text()
+    # the command line wins over the file
+    s = Server(tmp_path, swap_size="64M", extra=["--config", str(conf), "--ram-tier", "0"])
+    try:
+        assert s.start().status()["tier"] is None
+    finally:
+        assert s.stop() == 0, s.log_text()
+    swap = str(tmp_path / "swap")
+    for args, needle in ((["--ram-tier", "12%x"], "not a size"),
+                         (["--ram-tier", "100%"], "0% to 100%"),
+                         (["--ram-tier", "8K"], "too small"),
+                         (["--ram-tier-codec", "lzo"], "invalid choice"),
+                         (["--ram-tier", "64K", "--swap-size", "64M"], "index")):
+        r = uffdsrv("serve", "--socket", str(tmp_path / "s.sock"), "--swap", swap, *args,
+                    check=False, timeout=60)
+        assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for text, needle in (('ram_tier = "lots"\n', "ram_tier: not a size"),
+                         ('ram_tier_codec = "lzo"\n', "lz4 or zstd")):
+        conf.write_text(text)
+        r = uffdsrv("serve", "--socket", str(tmp_path / "s.sock"), "--swap", swap,
+                    "--config", str(conf), check=False, timeout=60)
+        assert r.returncode == 2 and needle in r.stderr, (text, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd"])
+def test_round_trip_of_mixed_pages_is_served_from_the_pool(served, codec):
     server, program = served
-    s = server()
+    s = server(codec=codec)
+    assert f"ram tier 32 MiB {codec}" in s.log_text()
+    assert tier(s)["codec"] == codec
     p = program(s)
     assert s.reclaim(p.pid) >= NPAGES // 4 * 3 * PAGE * 0.9  # the zero pages need no slot
     t = tier(s)
@@ -279,7 +318,7 @@ def test_round_trip_of_mixed_pages_is_served_from_the_pool(served):
     assert read <= (t["rejected_pages"] + 64) * PAGE, (read, t)
     assert after["stored_pages"] == 0, "slots freed by fault-ins kept their entries"
     assert scrape(s, "uffdsrv_ram_tier_lookups_total", result="hit") == after["hits"]
-    print(f"\npool: {t['stored_pages']} pages ({t['same_pages']} same-filled) in "
+    print(f"\n{codec} pool: {t['stored_pages']} pages ({t['same_pages']} same-filled) in "
           f"{t['pool_bytes'] >> 10} KiB, ratio {t['compression_ratio']:.2f}; fault-in: "
           f"{hits} hits, {read // PAGE} pages read, {after['hit_ns'] / max(hits, 1):.0f} ns/hit")
 
