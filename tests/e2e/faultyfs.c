@@ -4,7 +4,7 @@
  * with EIO, as a dying disk does. The kernel here has no device-mapper
  * (no dm-flakey, no dm-error), NBD or ublk; FUSE is what is left.
  *
- *   faultyfs BACKING MOUNTPOINT [-f] [-s] [-o OPTIONS]
+ *   faultyfs [--cached] BACKING MOUNTPOINT [-f] [-s] [-o OPTIONS]
  *
  * The failures are set by writing a line to /.ctl:
  *
@@ -30,6 +30,10 @@
  * Every file is opened direct_io (FOPEN_DIRECT_IO): the kernel keeps no
  * page cache of it, so every read and write of the program reaches us,
  * whatever flags it opened the file with; O_DIRECT opens are accepted.
+ * With --cached, /swap goes through the kernel's page cache instead, and
+ * an O_DIRECT open is refused with EINVAL, as filesystems without direct
+ * I/O do: a program then takes its fallback (FUSE writes through the
+ * cache at write(), and a read the cache misses reaches us).
  */
 #define FUSE_USE_VERSION 31
 #define _GNU_SOURCE
@@ -68,6 +72,7 @@ static int64_t now_ns(void) {
 }
 
 static int backing = -1;
+static int cached;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static struct rule rules[MAX_RULES];
 static int nrules;
@@ -158,7 +163,7 @@ static int command(const char *line) {
 
 static void *ff_init(struct fuse_conn_info *conn, struct fuse_config *cfg) {
     (void)conn;
-    cfg->direct_io = 1;     /* no page cache: every I/O is a request to us */
+    cfg->direct_io = !cached; /* no page cache: every I/O is a request to us */
     cfg->kernel_cache = 0;
     cfg->attr_timeout = 0;  /* sizes change under truncate and fallocate */
     cfg->entry_timeout = 0;
@@ -210,7 +215,9 @@ static int known(const char *path) {
 
 static int ff_open(const char *path, struct fuse_file_info *fi) {
     if (!known(path)) return -ENOENT;
-    fi->direct_io = 1;
+    int swap = !strcmp(path, SWAP_PATH);
+    if (swap && cached && (fi->flags & O_DIRECT)) return -EINVAL;
+    fi->direct_io = !(swap && cached);
     fi->keep_cache = 0;
     return 0;
 }
@@ -346,8 +353,14 @@ static const struct fuse_operations ops = {
 };
 
 int main(int argc, char **argv) {
+    if (argc > 1 && !strcmp(argv[1], "--cached")) {
+        cached = 1;
+        argv[1] = argv[0];
+        argv++;
+        argc--;
+    }
     if (argc < 3) {
-        fprintf(stderr, "usage: faultyfs BACKING MOUNTPOINT [fuse options]\n");
+        fprintf(stderr, "usage: faultyfs [--cached] BACKING MOUNTPOINT [fuse options]\n");
         return 2;
     }
     backing = open(argv[1], O_RDWR | O_CLOEXEC);

@@ -258,8 +258,10 @@ class SwapFile:
                 direct = False
                 log.warning("swap file %s: direct reads are refused (EINVAL); falling back",
                             self.path)
-            elif err:
+            elif err == -errno.EINVAL:
                 raise SwapError(f"swap file {self.path}: direct read: {os.strerror(-err)}")
+            elif err:  # a bad slot, not a mode: refusing would hang every program taken over
+                log.warning("swap file %s: slot 0 cannot be read: %s", self.path, os.strerror(-err))
         if direct:
             self.io_mode, self.rw_flags = "direct", 0
         elif io_mode == "direct":
