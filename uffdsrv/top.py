@@ -171,7 +171,8 @@ def figures(new: Sample, old: Sample | None, ref: Sample | None = None) -> dict:
         clients.append({**c, "faults_per_second": rate})
     f: dict = {"clients": clients, "swap": st["swap"], "has_metrics": bool(m),
                "memory": memory(new, ref if ref is not None else old),
-               "tier": st.get("tier"), "tier_rates": tier_rates(new, old)}
+               "tier": st.get("tier"), "tier_rates": tier_rates(new, old),
+               "memory_saved_bytes": st.get("memory_saved_bytes")}
     if not m:
         return f
     f["version"] = next((dict(k).get("version") for k in m.get("uffdsrv_build_info", {})), "?")
@@ -236,7 +237,8 @@ def summary_lines(f: dict) -> list[str]:
         f"{t['stored_pages']:,} pages ({t['same_pages']:,} same-filled), ratio "
         f"{_n(t['compression_ratio'], '{:.2f}')}  hits {_n(tr.get('hits'))}/s  "
         f"misses {_n(tr.get('misses'))}/s  evicted {_n(tr.get('evicted_pages'))}/s  "
-        f"rejected {t['rejected_pages']:,}")
+        f"rejected {t['rejected_pages']:,}  saved net of the pool "
+        f"{_bytes(f.get('memory_saved_bytes'))}")
     lines = [head, tier,
              f"memory: MemFree {_bytes(mem['memfree_bytes'])}, "
              f"given back {_signed(mem['memfree_gained_bytes'])}  "

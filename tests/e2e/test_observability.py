@@ -305,7 +305,8 @@ def test_top_once_shows_the_same_figures(observed):
     # the pool may be empty at this moment (a round just faulted it all in);
     # what the random workload had refused is counted for good
     tier = re.search(r"^ram tier: [\d.,]+ MiB of 3\.0 MiB \(lz4\), [\d,]+ pages \([\d,]+ "
-                     r"same-filled\), ratio ([\d.]+|-) .* rejected ([\d,]+)$", out, re.M)
+                     r"same-filled\), ratio ([\d.]+|-) .* rejected ([\d,]+)  saved net of the pool "
+                     r"-?[\d.,]+ MiB$", out, re.M)
     assert tier and int(tier[2].replace(",", "")) >= w.npages, out
     # on a terminal: drawn with rich
     master, slave = pty.openpty()
