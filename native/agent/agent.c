@@ -10,83 +10,151 @@
  * one thing it cannot do is drop pages: process_madvise(MADV_DONTNEED) on
  * another process is refused (EINVAL); only the caller's own mm accepts it.
  * So the agent does exactly two jobs: it creates the uffd and gives the
- * server a copy, and it runs a thread that zaps what the server asks for,
+ * server a copy, and it runs a zapper that drops what the server asks for,
  * up to 1024 ranges in one vectored call so that one TLB shootdown covers
  * the whole batch.
  *
- * Why it is built this way
+ * Why the zapper is a helper process, not a thread
+ * -------------------------------------------------
+ * The zapper needs the program's mm and nothing else of it. A thread would
+ * share everything, and each shared thing broke real programs:
+ *
+ *  - the fd table: programs that closefrom(3)/close_range and reuse the
+ *    numbers made a zap thread talk to (and close) the program's own files,
+ *    and every exec'd child saw our fds;
+ *  - the thread group: unshare(CLONE_NEWUSER) and setns() into user or
+ *    mount namespaces need a single-threaded caller (EINVAL otherwise:
+ *    bwrap, podman, nsenter, runc), and a main thread ending in
+ *    pthread_exit() left the process alive for as long as the zap thread.
+ *
+ * So the constructor clone()s a helper with CLONE_VM and without
+ * CLONE_THREAD, CLONE_SIGHAND, CLONE_FS and CLONE_FILES, exit signal 0.
+ * The kernel then gives it the program's mm (PIDFD_SELF, a pidfd of the
+ * program and madvise() all drop the program's pages: process_madvise only
+ * refuses DONTNEED for an mm other than the caller's) but its own fd table
+ * (a copy taken at clone), its own fs_struct, its own signal handlers, and
+ * a thread group of its own. Exit signal 0 makes it a "clone child": the
+ * program's wait()/waitpid(-1) never see it, only __WCLONE/__WALL do, and
+ * the kernel reparents it (with SIGCHLD) to the reaper when the program's
+ * last thread exits. The constructor creates the uffd, connects and says
+ * HELLO from the program's own thread (so SO_PEERCRED names the program),
+ * clones the helper, and then *closes its own copies* of the uffd, the
+ * socket and the pidfd: from then on our fds exist only in the helper's
+ * table, where no closefrom() of the program reaches and no exec'd child
+ * inherits them. CLONE_UNTRACED keeps a debugger or strace -f that follows
+ * clones from taking the helper for a thread of the program.
+ *
+ * What the helper may call
  * ------------------------
- * It runs inside somebody else's program, usually via LD_PRELOAD, so:
+ * It runs on the program's memory image with a copy of the cloning
+ * thread's registers, so it shares glibc's state: its locks (malloc, stdio,
+ * the loader), its errno and TLS model, its atfork lists. A lock taken by a
+ * program thread is never released for the helper, and the helper's errno
+ * would be some program thread's. So the helper calls no glibc function
+ * that touches errno, TLS, locks or malloc: every call is a raw `syscall`
+ * instruction (raw_syscall6 below, -errno on failure), plus memcpy/memset.
+ * It gets a TLS block of its own (CLONE_SETTLS: a small fake TCB inside its
+ * private mapping, so even a stray TLS access lands in memory that is ours
+ * and does not go away when the cloning thread exits), and the agent is
+ * built with -fno-stack-protector (the canary lives in TLS). Its name is
+ * "uffdsrv-zap" (PR_SET_NAME) and it blocks every signal, the glibc
+ * internal ones included: the program's handlers must never run on our
+ * tiny stack, EINTR must not cut a zap in half, and a Ctrl-C or Ctrl-Z sent
+ * to the process group must not stop the zapper of a program that ignores
+ * it.
+ *
+ *  - The helper must never touch managed memory. If its stack or buffers
+ *    were write-protected or zapped, it would fault on itself in the middle
+ *    of a zap, and the server (which may be waiting for that zap) could
+ *    deadlock with it. Its stack, TLS, receive buffer, iovec array and
+ *    state all live in one private mapping that the server is told about in
+ *    HELLO and leaves alone, with guard pages on both sides so it never
+ *    merges with a neighbouring managed mapping. Symbols are bound at load
+ *    (-z now), so no call runs the lazy binder.
+ *
+ *  - The helper ends when the program ends or execs, and never keeps an old
+ *    mm alive. It polls a pidfd of the program (readable once the whole
+ *    thread group has exited, so a main thread in pthread_exit() with a
+ *    worker still running does not end it) together with its socket, and on
+ *    every wake-up (at least once a second) and before each reconnect it
+ *    checks kcmp(self, parent, KCMP_VM) == 0: an exec gives the program a
+ *    new mm, and a program that died leaves the helper reparented to a
+ *    reaper. Otherwise it exits (raw SYS_exit).
+ *
+ *  - The uffd is never closed while the program lives. When the last fd of
+ *    a uffd goes away the kernel unregisters every range, and pages the
+ *    server had reclaimed silently read back as zeros. The helper's copy
+ *    keeps faults on reclaimed pages waiting for the next server if this
+ *    one dies.
+ *
+ *  - If the server goes away the helper reconnects (every 100 ms, or every
+ *    second while the server answers ERROR) and hands the same uffd to the
+ *    new server. Its SO_PEERCRED names the helper, not the program, so
+ *    those HELLOs carry UFS_HELLO_HELPER: the server maps the helper's pid
+ *    to its parent, and only if kcmp(KCMP_VM) says they share one mm.
+ *
+ *  - Whom we talk to: the socket path comes from secure_getenv (ignored in
+ *    a setuid or file-capability program), and every connection checks the
+ *    listener's SO_PEERCRED: root or the program's own real uid, else the
+ *    program runs unmanaged. Otherwise a user could point a privileged
+ *    program at a listener of their own and receive its uffd.
  *
  *  - The program must always start. Every failure in the constructor
- *    prints one line and leaves the process unmanaged; nothing else is
- *    printed, ever, on the success path.
- *
- *  - The uffd is never closed. When the last fd of a uffd goes away the
- *    kernel unregisters every range, and pages the server had reclaimed
- *    silently read back as zeros. Keeping our copy open means that if the
- *    server dies, faults on reclaimed pages wait for the next server
- *    instead of returning garbage. It is moved to a high fd number so that
- *    programs that close a range of low fds are less likely to hit it.
- *
- *  - The zap thread must never touch managed memory. If its stack, its
- *    buffers or a malloc arena it uses were write-protected or zapped, it
- *    would fault on itself in the middle of a zap, and the server (which
- *    may be waiting for that zap) could deadlock with it. So its stack,
- *    TLS (glibc puts it at the top of a caller-supplied stack), receive
- *    buffer, iovec array and state all live in one private mapping that
- *    the server is told about in HELLO and leaves alone. Guard pages on
- *    both sides keep that mapping from merging with a neighbouring program
- *    mapping that might be managed. The thread gets a pointer to its state
- *    and never reads the library's .data/.bss; no malloc, no stdio on its
- *    path; symbols are bound at load time (-z now) so the first call of a
- *    libc function does not run the lazy binder either.
- *
- *  - The zap thread blocks every signal: the program's handlers must not
- *    run on our tiny stack, and EINTR must not cut a zap in half.
- *
- *  - If the server goes away the thread reconnects (every 100 ms, or every
- *    second while the server answers ERROR) and hands the same uffd to the
- *    new server. It never exits on its own: the process cannot know whether
- *    a server will come back, and the zapped pages are only reachable
- *    through one.
+ *    prints one line ("running unmanaged") on fd 2, if fd 2 is open, and
+ *    leaves the process unmanaged; nothing is ever printed after that (a
+ *    daemon may have reused fd 2 for a file of its own).
  *
  *  - fork: the child gets a new uffd from the kernel (EVENT_FORK), which
  *    the server reads, but nothing on that uffd names the child's pid. The
  *    agent's beacon page is registered MISSING and never populated in the
  *    parent, so the child's first read of it faults on the child's uffd
  *    with the child's thread id (UFFD_FEATURE_THREAD_ID): that is how the
- *    server learns who the child is. The child then drops the page again
- *    so its own children can do the same, says HELLO (FORKED, no fd: the
- *    child has no uffd of its own) on a new connection, and starts its own
- *    zap thread on the same private stack (threads do not survive fork, so
- *    that stack is free in the child). The parent's connection and uffd
- *    stay with the parent: the child closes its copy of the socket, and
- *    keeps (but never uses) the parent's uffd, since closing it is not
- *    needed and it is CLOEXEC anyway.
+ *    server learns who the child is, and why the read stays on the child's
+ *    own thread. The atfork handler then only opens a pidfd of the child and
+ *    clones the child's helper (the parent's helper does not exist in the
+ *    child: fork copies one thread), and returns: no connect, no HELLO and
+ *    no wait inside fork(). The child's helper drops the beacon page again
+ *    (so the child's own children can do the same; the REMOVE that raises
+ *    waits on the server, which must not hold up fork), says HELLO
+ *    FORKED|HELPER, and keeps the child's uffd that the server sends back.
+ *    The fd numbers the parent's helper used mean nothing in the child (its
+ *    table is a copy of the program's, not the helper's), so nothing there
+ *    is closed.
+ *
+ *  - Core dumps: reclaimed pages are holes in a core file. Where a fatal
+ *    signal's disposition is SIG_DFL at start and a core could be written
+ *    (RLIMIT_CORE > 0, or a core_pattern pipe), the agent installs a handler
+ *    for the core-dumping signals that (with raw, async-signal-safe calls)
+ *    sends RESTORE on a new connection, waits at most 30 s for the answer
+ *    (the server brings every page back and stops managing the process),
+ *    then restores SIG_DFL and re-raises with tgkill, so the kernel writes
+ *    the core with every page present. An ERROR (an older server) or no
+ *    server still dumps.
  *
  *  - How to zap is asked of the kernel once, at start, on a scratch page
  *    that the server never sees (it is gone before HELLO): the PIDFD_SELF
  *    pseudo-fd is recent (EBADF before), and before 6.13 process_madvise
  *    refuses MADV_DONTNEED whoever the target (EINVAL: only COLD, PAGEOUT,
  *    WILLNEED and COLLAPSE), as on Debian 12's 6.1. So: process_madvise
- *    (PIDFD_SELF), else through a pidfd of our own, else one madvise() per
- *    range. The ranges the server sends are already merged, so the
+ *    (PIDFD_SELF), else through a pidfd of the program, else one madvise()
+ *    per range. The ranges the server sends are already merged, so the
  *    fallback drops the same pages with as few calls as it can; what it
- *    loses is the shared TLB flush (one shootdown per range instead of one
- *    per batch). UFFDSRV_AGENT_ZAP=madvise|pidfd forces a fallback, for
- *    tests only. If the chosen call later fails as an unknown one would,
- *    the next one down is tried and remembered. A partial result means
- *    the kernel stopped at a failing range: we call again from there so
- *    that the failure itself reports its errno, and then stop. Skipping
+ *    loses is the shared TLB flush. UFFDSRV_AGENT_ZAP=madvise|pidfd forces a
+ *    fallback, for tests only. If the chosen call later fails as an unknown
+ *    one would, the next one down is tried and remembered. A partial result
+ *    means the kernel stopped at a failing range: we call again from there
+ *    so that the failure itself reports its errno, and then stop. Skipping
  *    the failed range would tell the server that pages it still counts as
  *    resident were dropped, or the other way round.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/kcmp.h>
 #include <linux/userfaultfd.h>
+#include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -96,6 +164,8 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -105,6 +175,10 @@
 
 #include "uffdsrv.h"
 #include "uffdsrv_proto.h"
+
+#if !defined(__x86_64__)
+#error "the agent's helper makes raw x86-64 system calls; port raw_syscall6 and the fake TCB"
+#endif
 
 /* Newer than Debian 12's 6.1 headers, or missing from them. */
 #ifndef PIDFD_SELF
@@ -118,6 +192,9 @@
 #endif
 #ifndef SYS_userfaultfd
 #define SYS_userfaultfd 323
+#endif
+#ifndef SYS_kcmp
+#define SYS_kcmp 312
 #endif
 #ifndef USERFAULTFD_IOC
 #define USERFAULTFD_IOC 0xAA
@@ -157,22 +234,27 @@ _Static_assert(sizeof(struct ufs_error) == 24, "ufs_error");
     (UFFD_FEATURE_EVENT_FORK | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE |   \
      UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_THREAD_ID)
 
-#define HIGH_FD 900
-#define REPLY_TIMEOUT_S 10
-#define REGION_BYTES (256 * 1024) /* zap thread stack + buffers */
+#define REPLY_TIMEOUT_MS 10000
+#define RESTORE_TIMEOUT_MS 30000
+#define WATCH_MS 1000                /* the helper looks at its program at least this often */
+#define REGION_BYTES (384 * 1024)   /* helper stack + state */
 #define PAGE_SZ 4096UL
+#define TLS_PAD 16384               /* below the fake TCB: static TLS reads land here */
 
 enum pm_mode { PM_UNKNOWN, PM_SELF, PM_PIDFD, PM_MADVISE };
 
-/* Everything the zap thread touches. It lives at the top of the private
- * region, above the thread's stack (which grows down towards a guard). */
+/* Everything the helper touches. It lives at the top of the private
+ * region, above the helper's stack (which grows down towards a guard). */
 struct agent {
-    int uffd;        /* our own uffd, or -1 (forked child that has none) */
+    int uffd;        /* our own uffd, or -1 (forked child before HELLO_OK) */
     int sock;        /* control connection, -1 while reconnecting */
+    int pidfd;       /* the program's pidfd: exit watch and PM_PIDFD target */
     int forked;      /* this process is a fork child of a managed one */
+    int hello_done;  /* the helper's first HELLO (a fork child's) went through */
     unsigned flags;  /* HELLO flags chosen at start (AUTO_MAPS) */
-    int pidfd;       /* fallback for PIDFD_SELF, opened lazily */
     int pm_mode;
+    int program;     /* the program's pid (the helper's parent) */
+    unsigned uid;    /* the program's real uid at start: whom we trust */
     uint64_t features;
     uint64_t seq;
     uintptr_t map_start; /* whole private mapping, guards included */
@@ -184,10 +266,12 @@ struct agent {
     socklen_t addrlen;
     struct iovec iov[UFS_MAX_ZAP_RANGES];
     _Alignas(16) unsigned char rbuf[UFS_MAX_MSG];
+    unsigned char tls_pad[TLS_PAD];
+    _Alignas(64) uintptr_t tcb[32]; /* the helper's TLS: self pointers, canary */
 };
 
-/* Touched only by threads of the program (start, register, atfork), never
- * by the zap thread. */
+/* Touched only by threads of the program (start, register, atfork, the
+ * crash handler), never by the helper. */
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct agent *g_st;
 static atomic_int g_managed;
@@ -196,9 +280,72 @@ static atomic_uint_fast64_t g_api_seq = 1;
 static char g_status[256] = "not started";
 
 /* ------------------------------------------------------------------ */
+/* raw system calls: no errno, no TLS, no locks                        */
+
+static inline long raw_syscall6(long n, long a1, long a2, long a3, long a4, long a5, long a6) {
+    register long r10 __asm__("r10") = a4;
+    register long r8 __asm__("r8") = a5;
+    register long r9 __asm__("r9") = a6;
+    long ret;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "a"(n), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8), "r"(r9)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+
+#define RS(n, a, b, c, d, e, f) raw_syscall6((n), (long)(a), (long)(b), (long)(c), (long)(d), \
+                                            (long)(e), (long)(f))
+
+static long r_close(int fd) { return RS(SYS_close, fd, 0, 0, 0, 0, 0); }
+static int r_getpid(void) { return (int)RS(SYS_getpid, 0, 0, 0, 0, 0, 0); }
+static int r_getppid(void) { return (int)RS(SYS_getppid, 0, 0, 0, 0, 0, 0); }
+static int r_gettid(void) { return (int)RS(SYS_gettid, 0, 0, 0, 0, 0, 0); }
+
+__attribute__((noreturn)) static void r_exit(int code) {
+    for (;;) RS(SYS_exit, code, 0, 0, 0, 0, 0);
+}
+
+static void r_sleep_ms(long ms) {
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (RS(SYS_nanosleep, &ts, &ts, 0, 0, 0, 0) == -EINTR) {
+    }
+}
+
+/* Milliseconds on CLOCK_MONOTONIC, through the syscall (the vDSO's data
+ * page is fine, but its lookup goes through glibc). */
+static long r_now_ms(void) {
+    struct timespec ts;
+    if (RS(SYS_clock_gettime, CLOCK_MONOTONIC, &ts, 0, 0, 0, 0) < 0) return 0;
+    return ts.tv_sec * 1000L + ts.tv_nsec / 1000000L;
+}
+
+static long r_poll(struct pollfd *p, unsigned n, long ms) {
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    return RS(SYS_ppoll, p, n, ms < 0 ? NULL : &ts, NULL, 0, 0);
+}
+
+static long r_madvise(void *addr, size_t len, int advice) {
+    return RS(SYS_madvise, addr, len, advice, 0, 0, 0);
+}
+
+static long r_pmadvise(int pidfd, const struct iovec *iov, size_t n) {
+    return RS(SYS_process_madvise, pidfd, iov, n, MADV_DONTNEED, 0, 0);
+}
+
+static int r_pidfd_open(int pid) { return (int)RS(SYS_pidfd_open, pid, 0, 0, 0, 0, 0); }
+
+/* Does the helper still share its parent's mm? -ENOSYS without kcmp. */
+static long same_vm_as_parent(void) {
+    return RS(SYS_kcmp, r_getpid(), r_getppid(), KCMP_VM, 0, 0, 0);
+}
+
+/* ------------------------------------------------------------------ */
 /* small helpers, all malloc-free                                      */
 
+/* Only the constructor's one line, and only while fd 2 is open. */
 static void say_unmanaged(const char *reason) {
+    if (fcntl(2, F_GETFD) < 0) return;
     char line[320];
     int n = snprintf(line, sizeof line, "uffdsrv-agent: %s; running unmanaged\n", reason);
     if (n < 0) return;
@@ -207,24 +354,13 @@ static void say_unmanaged(const char *reason) {
     (void)w;
 }
 
-static int move_high(int fd) {
-    if (fd < 0 || fd >= HIGH_FD) return fd;
-    int nfd = fcntl(fd, F_DUPFD_CLOEXEC, HIGH_FD);
-    if (nfd < 0) return fd;
-    close(fd);
-    return nfd;
-}
-
-static void sleep_ms(long ms) {
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
-    }
-}
-
-static void set_rcvtimeo(int s, int seconds) {
-    struct timeval tv = {seconds, 0};
-    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-}
+/* A reason for the caller's one line. The helper passes why == NULL, and
+ * then not even the arguments are evaluated: strerror() reads the locale
+ * from TLS, snprintf takes stdio's locks. */
+#define WHY(...)                                        \
+    do {                                                \
+        if (why) snprintf(why, whylen, __VA_ARGS__);    \
+    } while (0)
 
 static void hdr_init(struct ufs_hdr *h, uint16_t type, uint64_t seq) {
     h->magic = UFS_MAGIC;
@@ -233,66 +369,114 @@ static void hdr_init(struct ufs_hdr *h, uint16_t type, uint64_t seq) {
     h->seq = seq;
 }
 
-/* recvmsg that never leaks passed fds into the program: the first one is
- * handed to the caller if it asks, the rest are closed. */
-static ssize_t recv_msg(int s, void *buf, size_t len, int *trunc, int *fd_out) {
+/* recvmsg that never leaks passed fds: the first one is handed to the
+ * caller if it asks, the rest are closed. Returns bytes or -errno. */
+static long recv_msg(int s, void *buf, size_t len, int flags, int *trunc, int *fd_out) {
     union {
         struct cmsghdr align;
         char buf[CMSG_SPACE(sizeof(int) * 8)];
     } cbuf;
     struct iovec iov = {buf, len};
-    struct msghdr mh = {0};
+    struct msghdr mh;
+    memset(&mh, 0, sizeof mh);
     mh.msg_iov = &iov;
     mh.msg_iovlen = 1;
     mh.msg_control = cbuf.buf;
     mh.msg_controllen = sizeof cbuf.buf;
     if (fd_out) *fd_out = -1;
-    ssize_t n = recvmsg(s, &mh, MSG_CMSG_CLOEXEC);
+    long n = RS(SYS_recvmsg, s, &mh, flags | MSG_CMSG_CLOEXEC, 0, 0, 0);
     if (n < 0) return n;
     *trunc = (mh.msg_flags & MSG_TRUNC) != 0;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
-        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-        size_t nfd = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        for (size_t i = 0; i < nfd; i++) {
-            int fd;
-            memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-            if (fd_out && *fd_out < 0)
-                *fd_out = fd;
-            else
-                close(fd);
+    /* walk the control data by hand: CMSG_NXTHDR may be a libc call */
+    size_t off = 0;
+    while (off + sizeof(struct cmsghdr) <= mh.msg_controllen) {
+        struct cmsghdr *c = (struct cmsghdr *)(cbuf.buf + off);
+        if (c->cmsg_len < sizeof(struct cmsghdr) || off + c->cmsg_len > mh.msg_controllen) break;
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+            size_t nfd = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            for (size_t i = 0; i < nfd; i++) {
+                int fd;
+                memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+                if (fd_out && *fd_out < 0)
+                    *fd_out = fd;
+                else
+                    r_close(fd);
+            }
         }
+        off += CMSG_ALIGN(c->cmsg_len);
     }
     return n;
 }
 
-static int connect_server(const struct agent *st) {
-    int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-    if (s < 0) return -errno;
-    if (connect(s, (const struct sockaddr *)&st->addr, st->addrlen) < 0) {
-        int e = errno;
-        close(s);
-        return -e;
+/* Wait until s is readable: 1, 0 on timeout, -1 if the program is gone
+ * (only when a pidfd is being watched). */
+static int wait_readable(const struct agent *st, int s, long ms, int watch) {
+    long end = r_now_ms() + ms;
+    for (;;) {
+        struct pollfd p[2] = {{s, POLLIN, 0}, {watch ? st->pidfd : -1, POLLIN, 0}};
+        long left = end - r_now_ms();
+        if (left < 0) left = 0;
+        long r = r_poll(p, 2, left);
+        if (r == -EINTR) continue;
+        if (r < 0) return 0;
+        if (p[1].revents) return -1;
+        if (p[0].revents) return 1;
+        if (left == 0) return 0;
+    }
+}
+
+/* Connect to the server and check who listens: root or the program's own
+ * uid. Returns the socket or -errno (-EPERM: an untrusted listener). */
+static int connect_server(const struct agent *st, unsigned *peer_uid) {
+    int s = (int)RS(SYS_socket, AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, 0, 0, 0);
+    if (s < 0) return s;
+    long r;
+    do {
+        r = RS(SYS_connect, s, &st->addr, st->addrlen, 0, 0, 0);
+    } while (r == -EINTR);
+    if (r < 0) {
+        r_close(s);
+        return (int)r;
+    }
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    r = RS(SYS_getsockopt, s, SOL_SOCKET, SO_PEERCRED, &cred, &len, 0);
+    if (r < 0 || (cred.uid != 0 && cred.uid != st->uid)) {
+        if (peer_uid) *peer_uid = r < 0 ? (unsigned)-1 : cred.uid;
+        r_close(s);
+        return -EPERM;
     }
     return s;
 }
 
-enum hello_result { HELLO_DONE = 0, HELLO_NOCONN = 1, HELLO_REFUSED = 2, HELLO_BROKEN = 3 };
+enum hello_result {
+    HELLO_DONE = 0,
+    HELLO_NOCONN = 1,
+    HELLO_REFUSED = 2,
+    HELLO_BROKEN = 3,
+    HELLO_UNTRUSTED = 4,
+    HELLO_GONE = 5, /* the program ended while we waited (helper only) */
+};
 
 /* Connect, send HELLO (attaching fd_to_send if >= 0), wait for HELLO_OK.
- * On HELLO_DONE *sock_out is the connection with its timeout cleared and
- * *fd_in is an fd the server passed back with HELLO_OK (or -1). `why`
- * (may be NULL) gets a reason for the caller's error line. No malloc. */
+ * On HELLO_DONE *sock_out is the connection and *fd_in is an fd the server
+ * passed back with HELLO_OK (or -1). `why` (NULL in the helper) gets a
+ * reason for the caller's one line. Raw calls only, so the helper can use
+ * it; `watch` makes the wait end early if the program ends. */
 static int hello_exchange(struct agent *st, uint32_t flags, int fd_to_send, int *sock_out,
-                          int *fd_in, char *why, size_t whylen) {
+                          int *fd_in, int watch, char *why, size_t whylen) {
     *fd_in = -1;
-    int s = connect_server(st);
+    unsigned peer_uid = 0;
+    int s = connect_server(st, &peer_uid);
+    if (s == -EPERM) {
+        WHY("the server at %s runs as uid %d, not root or uid %u",
+                st->addr.sun_path, (int)peer_uid, st->uid);
+        return HELLO_UNTRUSTED;
+    }
     if (s < 0) {
-        if (why) snprintf(why, whylen, "cannot connect to %s: %s", st->addr.sun_path, strerror(-s));
-        errno = -s; /* for the caller's return value */
+        WHY("cannot connect to %s: %s", st->addr.sun_path, strerror(-s));
         return HELLO_NOCONN;
     }
-    s = move_high(s);
-    set_rcvtimeo(s, REPLY_TIMEOUT_S);
 
     struct ufs_hello h;
     memset(&h, 0, sizeof h);
@@ -308,22 +492,27 @@ static int hello_exchange(struct agent *st, uint32_t flags, int fd_to_send, int 
         char buf[CMSG_SPACE(sizeof(int))];
     } cbuf;
     struct iovec iov = {&h, sizeof h};
-    struct msghdr mh = {0};
+    struct msghdr mh;
+    memset(&mh, 0, sizeof mh);
     mh.msg_iov = &iov;
     mh.msg_iovlen = 1;
     if (fd_to_send >= 0) {
         memset(&cbuf, 0, sizeof cbuf);
         mh.msg_control = cbuf.buf;
         mh.msg_controllen = sizeof cbuf.buf;
-        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+        struct cmsghdr *c = (struct cmsghdr *)cbuf.buf;
         c->cmsg_level = SOL_SOCKET;
         c->cmsg_type = SCM_RIGHTS;
         c->cmsg_len = CMSG_LEN(sizeof(int));
         memcpy(CMSG_DATA(c), &fd_to_send, sizeof(int));
     }
-    if (sendmsg(s, &mh, MSG_NOSIGNAL) != (ssize_t)sizeof h) {
-        if (why) snprintf(why, whylen, "cannot send HELLO: %s", strerror(errno));
-        close(s);
+    long w;
+    do {
+        w = RS(SYS_sendmsg, s, &mh, MSG_NOSIGNAL, 0, 0, 0);
+    } while (w == -EINTR);
+    if (w != (long)sizeof h) {
+        WHY("cannot send HELLO: %s", strerror(w < 0 ? (int)-w : EIO));
+        r_close(s);
         return HELLO_BROKEN;
     }
 
@@ -334,35 +523,36 @@ static int hello_exchange(struct agent *st, uint32_t flags, int fd_to_send, int 
         char raw[512];
     } r;
     int trunc = 0, fd = -1;
-    ssize_t n;
+    int ready = wait_readable(st, s, REPLY_TIMEOUT_MS, watch);
+    if (ready <= 0) {
+        WHY("no HELLO_OK from server within %d s", REPLY_TIMEOUT_MS / 1000);
+        r_close(s);
+        return ready < 0 ? HELLO_GONE : HELLO_BROKEN;
+    }
+    long n;
     do {
-        n = recv_msg(s, &r, sizeof r, &trunc, &fd);
-    } while (n < 0 && errno == EINTR);
+        n = recv_msg(s, &r, sizeof r, MSG_DONTWAIT, &trunc, &fd);
+    } while (n == -EINTR);
     if (n <= 0) {
-        if (why) {
-            if (n == 0)
-                snprintf(why, whylen, "server closed the connection during HELLO");
-            else if (errno == EAGAIN || errno == EWOULDBLOCK)
-                snprintf(why, whylen, "no HELLO_OK from server within %d s", REPLY_TIMEOUT_S);
-            else
-                snprintf(why, whylen, "HELLO failed: %s", strerror(errno));
-        }
-        close(s);
+        if (n == 0)
+            WHY("server closed the connection during HELLO");
+        else
+            WHY("HELLO failed: %s", strerror((int)-n));
+        r_close(s);
         return HELLO_BROKEN;
     }
     if ((size_t)n < sizeof r.hdr || r.hdr.magic != UFS_MAGIC || r.hdr.version != UFS_VERSION) {
-        if (why) snprintf(why, whylen, "bad reply to HELLO (not uffdsrv protocol v%d)", UFS_VERSION);
-        if (fd >= 0) close(fd);
-        close(s);
+        WHY("bad reply to HELLO (not uffdsrv protocol v%d)", UFS_VERSION);
+        if (fd >= 0) r_close(fd);
+        r_close(s);
         return HELLO_BROKEN;
     }
     if (r.hdr.type == UFS_HELLO_OK && (size_t)n >= sizeof r.ok && !trunc) {
-        set_rcvtimeo(s, 0);
         *sock_out = s;
         *fd_in = fd;
         return HELLO_DONE;
     }
-    if (fd >= 0) close(fd);
+    if (fd >= 0) r_close(fd);
     if (r.hdr.type == UFS_ERROR && (size_t)n >= sizeof r.err) {
         if (why) {
             /* Only printable bytes of the server's text reach stderr. */
@@ -375,27 +565,29 @@ static int hello_exchange(struct agent *st, uint32_t flags, int fd_to_send, int 
                 text[i] = (ch >= 0x20 && ch < 0x7f) ? (char)ch : '?';
             }
             text[tl] = 0;
-            snprintf(why, whylen, "server refused HELLO: %s (%s)", tl ? text : "no reason given",
-                     strerror(r.err.error > 0 ? r.err.error : EPROTO));
+            WHY("server refused HELLO: %s (%s)", tl ? text : "no reason given",
+                    strerror(r.err.error > 0 ? r.err.error : EPROTO));
         }
-        close(s);
+        r_close(s);
         return HELLO_REFUSED;
     }
-    if (why) snprintf(why, whylen, "unexpected reply type %u to HELLO", r.hdr.type);
-    close(s);
+    WHY("unexpected reply type %u to HELLO", r.hdr.type);
+    r_close(s);
     return HELLO_BROKEN;
 }
 
 /* ------------------------------------------------------------------ */
-/* the zap thread                                                      */
+/* zapping (the helper; the probe at start uses the same calls)        */
 
 /* process_madvise's contract with madvise(): bytes done up to the first
- * failing range, or -1 with errno when the first one fails. */
+ * failing range, or -errno when the first one fails. */
 static long madvise_each(const struct iovec *iov, size_t n) {
     long total = 0;
     for (size_t i = 0; i < n; i++) {
-        if (iov[i].iov_len && madvise(iov[i].iov_base, iov[i].iov_len, MADV_DONTNEED) < 0)
-            return total ? total : -1;
+        if (iov[i].iov_len) {
+            long r = r_madvise(iov[i].iov_base, iov[i].iov_len, MADV_DONTNEED);
+            if (r < 0) return total ? total : r;
+        }
         total += (long)iov[i].iov_len;
     }
     return total;
@@ -404,33 +596,23 @@ static long madvise_each(const struct iovec *iov, size_t n) {
 static long pm_call(struct agent *st, struct iovec *iov, size_t n) {
     if (st->pm_mode == PM_MADVISE) return madvise_each(iov, n);
     if (st->pm_mode == PM_PIDFD) {
-        long r = syscall(SYS_process_madvise, st->pidfd, iov, n, MADV_DONTNEED, 0);
-        if (r >= 0 || (errno != EINVAL && errno != ENOSYS)) return r;
+        long r = r_pmadvise(st->pidfd, iov, n);
+        if (r >= 0 || (r != -EINVAL && r != -ENOSYS)) return r;
         /* DONTNEED refused by process_madvise (before 6.13): fall back,
          * unless the ranges themselves are what madvise refuses too. */
-        int e = errno;
         long r2 = madvise_each(iov, n);
         if (r2 >= 0) st->pm_mode = PM_MADVISE;
-        else errno = e;
-        return r2;
+        return r2 >= 0 ? r2 : r;
     }
-    long r = syscall(SYS_process_madvise, PIDFD_SELF, iov, n, MADV_DONTNEED, 0);
+    long r = r_pmadvise(PIDFD_SELF, iov, n);
     if (r >= 0) {
         st->pm_mode = PM_SELF;
         return r;
     }
-    int e = errno;
-    if (st->pm_mode == PM_SELF || (e != EBADF && e != EINVAL && e != ESRCH)) return r;
-    /* PIDFD_SELF may be unknown to this kernel: try a real pidfd. */
-    if (st->pidfd < 0) {
-        int fd = (int)syscall(SYS_pidfd_open, getpid(), 0);
-        if (fd < 0) {
-            errno = e;
-            return -1;
-        }
-        st->pidfd = move_high(fd);
-    }
-    long r2 = syscall(SYS_process_madvise, st->pidfd, iov, n, MADV_DONTNEED, 0);
+    if (st->pm_mode == PM_SELF || (r != -EBADF && r != -EINVAL && r != -ESRCH)) return r;
+    /* PIDFD_SELF may be unknown to this kernel: try the program's pidfd. */
+    if (st->pidfd < 0) return r;
+    long r2 = r_pmadvise(st->pidfd, iov, n);
     if (r2 >= 0) {
         st->pm_mode = PM_PIDFD;
         return r2;
@@ -438,18 +620,19 @@ static long pm_call(struct agent *st, struct iovec *iov, size_t n) {
     /* Both failed: the error is about the ranges, not the pseudo-fd. If
      * the errors differ, PIDFD_SELF itself was the problem, and EINVAL
      * through a real pidfd is a kernel that refuses DONTNEED there. */
-    if (errno != e) {
+    if (r2 != r) {
         st->pm_mode = PM_PIDFD;
-        if (errno == EINVAL) return pm_call(st, iov, n);
+        if (r2 == -EINVAL) return pm_call(st, iov, n);
     }
     return r2;
 }
 
 /* The zap call this kernel takes (see the top of the file), tried on a
  * touched scratch page that must read as zeros afterwards. Runs at start,
- * on the program's thread; the page is unmapped before HELLO. */
+ * on the program's thread, with st->pidfd already open; the page is
+ * unmapped before HELLO. */
 static int probe_zap_mode(struct agent *st) {
-    const char *force = getenv("UFFDSRV_AGENT_ZAP"); /* tests only */
+    const char *force = secure_getenv("UFFDSRV_AGENT_ZAP"); /* tests only */
     if (force && strcmp(force, "madvise") == 0) return PM_MADVISE;
     volatile char *p = mmap(NULL, PAGE_SZ, PROT_READ | PROT_WRITE,
                             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -457,21 +640,13 @@ static int probe_zap_mode(struct agent *st) {
     struct iovec iov = {(void *)p, PAGE_SZ};
     int mode = PM_MADVISE;
     p[0] = 1;
-    if (!(force && strcmp(force, "pidfd") == 0) &&
-        syscall(SYS_process_madvise, PIDFD_SELF, &iov, 1, MADV_DONTNEED, 0) == (long)PAGE_SZ &&
+    if (!(force && strcmp(force, "pidfd") == 0) && r_pmadvise(PIDFD_SELF, &iov, 1) == (long)PAGE_SZ &&
         p[0] == 0) {
         mode = PM_SELF;
     } else {
         p[0] = 1;
-        int fd = (int)syscall(SYS_pidfd_open, getpid(), 0);
-        if (fd >= 0 &&
-            syscall(SYS_process_madvise, fd, &iov, 1, MADV_DONTNEED, 0) == (long)PAGE_SZ &&
-            p[0] == 0) {
+        if (st->pidfd >= 0 && r_pmadvise(st->pidfd, &iov, 1) == (long)PAGE_SZ && p[0] == 0)
             mode = PM_PIDFD;
-            st->pidfd = move_high(fd);
-        } else if (fd >= 0) {
-            close(fd);
-        }
     }
     munmap((void *)p, PAGE_SZ);
     return mode;
@@ -499,7 +674,7 @@ static void handle_zap(struct agent *st, size_t n, int trunc) {
         goto reply;
     }
     for (uint32_t i = 0; i < count; i++) {
-        /* Zapping our own stack or buffers would be fatal to this thread. */
+        /* Zapping our own stack or buffers would be fatal to the helper. */
         if (range_overlaps_private(st, z->ranges[i].start, z->ranges[i].len)) {
             err = EPERM;
             goto reply;
@@ -508,8 +683,10 @@ static void handle_zap(struct agent *st, size_t n, int trunc) {
 
     if (z->flags & UFS_ZAP_MADVISE) {
         for (uint32_t i = 0; i < count; i++) {
-            if (madvise((void *)(uintptr_t)z->ranges[i].start, z->ranges[i].len, MADV_DONTNEED) < 0) {
-                err = errno;
+            long r = r_madvise((void *)(uintptr_t)z->ranges[i].start, z->ranges[i].len,
+                               MADV_DONTNEED);
+            if (r < 0) {
+                err = (int)-r;
                 break;
             }
             total += z->ranges[i].len;
@@ -533,8 +710,8 @@ static void handle_zap(struct agent *st, size_t n, int trunc) {
         if (i == count) break;
         long r = pm_call(st, &st->iov[i], count - i);
         if (r < 0) {
-            if (errno == EINTR && ++tries < 100) continue;
-            err = errno;
+            if (r == -EINTR && ++tries < 100) continue;
+            err = (int)-r;
             break;
         }
         if (r == 0) { /* no progress on a non-empty range: never loop */
@@ -561,43 +738,101 @@ reply:
     d.result = total ? (int64_t)total : (err ? -(int64_t)err : 0);
     d.ranges_done = done;
     d.error = err;
-    if (st->sock >= 0) send(st->sock, &d, sizeof d, MSG_NOSIGNAL);
+    if (st->sock >= 0) RS(SYS_sendto, st->sock, &d, sizeof d, MSG_NOSIGNAL, NULL, 0);
 }
 
-/* The server is gone: hand our uffd to the next one. Returns when a new
- * connection has said HELLO_OK. */
-static void reconnect(struct agent *st) {
+/* ------------------------------------------------------------------ */
+/* the helper                                                          */
+
+/* Is the program still the one we serve? Its thread group has not ended,
+ * it is still our parent, and it still has the mm we share (an exec gives
+ * it a new one). */
+static int program_alive(const struct agent *st) {
+    if (r_getppid() != st->program) return 0;
+    /* Only a definite "another mm" ends us. EPERM (a program that made
+     * itself non-dumpable, or exec'd a setuid file) or ENOSYS (no kcmp)
+     * cannot tell, and leaving while the program may still have
+     * reclaimed pages would drop the uffd copy that keeps them safe. */
+    long r = same_vm_as_parent();
+    return r <= 0;
+}
+
+static __attribute__((noreturn)) void helper_exit(struct agent *st) {
+    /* The uffd goes with us; by now the program is gone or has a new mm,
+     * so nothing is registered through it any more. */
+    if (st->sock >= 0) r_close(st->sock);
+    r_exit(0);
+}
+
+/* Sleep up to ms, waking early if the program ends: 0, or -1 if it did. */
+static int nap(const struct agent *st, long ms) {
+    if (st->pidfd < 0) {
+        r_sleep_ms(ms);
+        return program_alive(st) ? 0 : -1;
+    }
+    struct pollfd p = {st->pidfd, POLLIN, 0};
+    long r;
+    do {
+        r = r_poll(&p, 1, ms);
+    } while (r == -EINTR);
+    return (r > 0 || !program_alive(st)) ? -1 : 0;
+}
+
+/* The server is gone (or this is a fork child's first HELLO): hand our
+ * uffd to the next one. Returns when a connection has said HELLO_OK;
+ * exits the helper if the program ends meanwhile. */
+static void connect_helper(struct agent *st) {
+    long delay = st->hello_done ? 100 : 0;
     for (;;) {
-        sleep_ms(100);
-        uint32_t flags = st->flags | UFS_HELLO_RECONNECT;
+        if (delay && nap(st, delay) < 0) helper_exit(st);
+        if (!program_alive(st)) helper_exit(st);
+        delay = 100;
+        uint32_t flags = st->flags | UFS_HELLO_HELPER;
+        if (st->hello_done) flags |= UFS_HELLO_RECONNECT;
         if (st->uffd < 0) flags |= UFS_HELLO_FORKED;
         int s = -1, fd_in = -1;
-        int r = hello_exchange(st, flags, st->uffd, &s, &fd_in, NULL, 0);
+        int r = hello_exchange(st, flags, st->uffd, &s, &fd_in, 1, NULL, 0);
+        if (r == HELLO_GONE) helper_exit(st);
         if (r == HELLO_DONE) {
             if (fd_in >= 0) {
                 if (st->uffd < 0)
-                    st->uffd = move_high(fd_in);
+                    st->uffd = fd_in;
                 else
-                    close(fd_in);
+                    r_close(fd_in);
             }
             st->sock = s;
+            st->hello_done = 1;
             return;
         }
-        if (r == HELLO_REFUSED) sleep_ms(900);
+        /* A fork child the server does not know (it missed the beacon)
+         * has nothing to come back for: the server holds its uffd. */
+        if (r == HELLO_REFUSED && st->uffd < 0 && !st->hello_done) helper_exit(st);
+        if (r == HELLO_REFUSED || r == HELLO_UNTRUSTED) delay = 1000;
     }
 }
 
-static void *zap_thread(void *arg) {
+static int helper_main(void *arg) {
     struct agent *st = arg;
+    uint64_t all = ~0ULL;
+    RS(SYS_rt_sigprocmask, SIG_SETMASK, &all, NULL, sizeof all, 0, 0);
+    RS(SYS_prctl, PR_SET_NAME, "uffdsrv-zap", 0, 0, 0, 0);
+    if (st->forked) {
+        /* Empty the beacon again for the child's own children. The REMOVE
+         * this raises waits until the server reads it: here, not in fork(). */
+        r_madvise((void *)st->beacon, PAGE_SZ, MADV_DONTNEED);
+    }
     for (;;) {
-        if (st->sock < 0) reconnect(st);
+        if (st->sock < 0) connect_helper(st);
+        struct pollfd p[2] = {{st->sock, POLLIN, 0}, {st->pidfd, POLLIN, 0}};
+        long r = r_poll(p, 2, WATCH_MS);
+        if (p[1].revents || !program_alive(st)) helper_exit(st);
+        if (r <= 0) continue;
+        if (!p[0].revents) continue;
         int trunc = 0;
-        ssize_t n = recv_msg(st->sock, st->rbuf, sizeof st->rbuf, &trunc, NULL);
-        if (n < 0 && errno == EINTR) continue;
+        long n = recv_msg(st->sock, st->rbuf, sizeof st->rbuf, MSG_DONTWAIT, &trunc, NULL);
+        if (n == -EINTR || n == -EAGAIN) continue;
         if (n <= 0) {
-            /* EBADF: the program closed our fd; the number is not ours
-             * any more, so do not close it again. */
-            if (!(n < 0 && errno == EBADF)) close(st->sock);
+            r_close(st->sock);
             st->sock = -1;
             continue;
         }
@@ -606,29 +841,32 @@ static void *zap_thread(void *arg) {
         if (h->type == UFS_ZAP) handle_zap(st, (size_t)n, trunc);
         /* other types: ignored (forward compatibility) */
     }
-    return NULL;
+    return 0;
 }
 
-static int start_zap_thread(struct agent *st) {
-    pthread_attr_t attr;
-    int e = pthread_attr_init(&attr);
-    if (e) return -e;
-    e = pthread_attr_setstack(&attr, st->stack, st->stack_len);
-    if (!e) e = pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    if (e) {
-        pthread_attr_destroy(&attr);
-        return -e;
-    }
-    /* Block everything before creating it, so it is born blocked. */
+/* Clone the helper: the program's mm, a copy of its fd table, nothing else.
+ * Returns its pid or -errno. Runs on a program thread. */
+static int spawn_helper(struct agent *st) {
+    /* The helper's TLS is a fake TCB of its own (see the top): %fs:0 and
+     * %fs:0x10 point at it, as glibc's do, and the canary slot holds the
+     * cloning thread's canary. */
+    memset(st->tcb, 0, sizeof st->tcb);
+    st->tcb[0] = (uintptr_t)st->tcb;
+    st->tcb[2] = (uintptr_t)st->tcb;
+    uintptr_t guard;
+    __asm__("movq %%fs:0x28, %0" : "=r"(guard));
+    st->tcb[5] = guard;
+    void *top = (void *)(((uintptr_t)st->stack + st->stack_len) & ~(uintptr_t)15);
+    /* Born with every signal blocked; the helper then blocks glibc's own
+     * ones too, which pthread_sigmask leaves out. */
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    pthread_t t;
-    e = pthread_create(&t, &attr, zap_thread, st);
+    int pid = clone(helper_main, top, CLONE_VM | CLONE_UNTRACED | CLONE_SETTLS, st, NULL,
+                    (void *)st->tcb, NULL);
+    int e = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    pthread_attr_destroy(&attr);
-    if (!e) pthread_setname_np(t, "uffdsrv-zap");
-    return -e;
+    return pid < 0 ? -e : pid;
 }
 
 /* ------------------------------------------------------------------ */
@@ -644,59 +882,97 @@ static void atfork_parent(void) {
     pthread_mutex_unlock(&g_lock);
 }
 
+/* The child is single-threaded here and its parent may have been threaded:
+ * only raw calls, no stdio, no connect, nothing that waits for the server
+ * except the beacon read, which must come from this thread. */
 static void atfork_child(void) {
-    int saved = errno;
     struct agent *st = g_st;
     pthread_mutex_unlock(&g_lock);
-    if (!st || !atomic_load(&g_managed)) goto out;
+    if (!st || !atomic_load(&g_managed)) return;
     atomic_store(&g_managed, 0);
 
-    /* The parent's connection belongs to the parent. */
-    if (st->sock >= 0) close(st->sock);
-    st->sock = -1;
-    /* The inherited uffd is the parent's (the parent keeps its own copy).
-     * Close ours: a server taking over after a crash finds each process's
-     * uffd in /proc/PID/fd, and in a child that must be the child's own,
-     * which the server sends back with HELLO_OK. */
-    if (st->uffd >= 0) close(st->uffd);
-    st->uffd = -1;
+    /* The fd numbers in st are the parent's helper's: not ours to touch. */
+    st->sock = st->uffd = st->pidfd = -1;
     st->forked = 1;
-    /* A pidfd names the parent; PIDFD_SELF names whoever calls. */
-    if (st->pidfd >= 0) close(st->pidfd);
-    st->pidfd = -1;
-    if (st->pm_mode == PM_PIDFD) {
-        int fd = (int)syscall(SYS_pidfd_open, getpid(), 0);
-        if (fd >= 0)
-            st->pidfd = move_high(fd);
-        else
-            st->pm_mode = PM_UNKNOWN;
-    }
+    st->hello_done = 0;
+    st->program = r_getpid();
 
     /* Fault on the empty, registered beacon: the fault lands on the
      * child's new uffd with our thread id, naming us to the server. */
     (void)*(volatile char *)st->beacon;
-    madvise((void *)st->beacon, PAGE_SZ, MADV_DONTNEED);
 
-    char why[256];
-    int s = -1, fd_in = -1;
-    int r = hello_exchange(st, st->flags | UFS_HELLO_FORKED, -1, &s, &fd_in, why, sizeof why);
-    if (r != HELLO_DONE) {
-        say_unmanaged(why);
-        goto out;
+    int fd = r_pidfd_open(st->program);
+    st->pidfd = fd >= 0 ? fd : -1;
+    if (st->pm_mode == PM_PIDFD && st->pidfd < 0) st->pm_mode = PM_UNKNOWN;
+    if (spawn_helper(st) > 0) atomic_store(&g_managed, 1);
+    /* The child's copy: the helper has its own. */
+    if (st->pidfd >= 0) r_close(st->pidfd);
+}
+
+/* ------------------------------------------------------------------ */
+/* core dumps: every page back first                                   */
+
+static const int g_dump_sigs[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, SIGQUIT, SIGSYS, SIGTRAP};
+
+struct k_sigaction {
+    void *handler;
+    unsigned long flags;
+    void *restorer;
+    uint64_t mask;
+};
+
+/* Runs on the crashing thread, possibly with locks of glibc held: raw
+ * calls only. A second crash while we wait goes straight to the kernel. */
+static void dump_handler(int sig, siginfo_t *si, void *uc) {
+    (void)si;
+    (void)uc;
+    struct agent *st = g_st;
+    struct k_sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    for (size_t i = 0; i < sizeof g_dump_sigs / sizeof g_dump_sigs[0]; i++)
+        RS(SYS_rt_sigaction, g_dump_sigs[i], &dfl, NULL, 8, 0, 0);
+    if (st && atomic_load(&g_managed)) {
+        int s = connect_server(st, NULL);
+        if (s >= 0) {
+            struct ufs_hdr h;
+            hdr_init(&h, UFS_RESTORE, 1);
+            if (RS(SYS_sendto, s, &h, sizeof h, MSG_NOSIGNAL, NULL, 0) == (long)sizeof h &&
+                wait_readable(st, s, RESTORE_TIMEOUT_MS, 0) > 0) {
+                char buf[256];
+                int trunc;
+                recv_msg(s, buf, sizeof buf, MSG_DONTWAIT, &trunc, NULL);
+            }
+            r_close(s);
+        }
     }
-    if (fd_in >= 0) st->uffd = move_high(fd_in);
-    st->sock = s;
-    int e = start_zap_thread(st);
-    if (e) {
-        snprintf(why, sizeof why, "cannot start zap thread in fork child: %s", strerror(-e));
-        close(st->sock);
-        st->sock = -1;
-        say_unmanaged(why);
-        goto out;
+    RS(SYS_tgkill, r_getpid(), r_gettid(), sig, 0, 0, 0);
+}
+
+static int cores_possible(void) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_CORE, &rl) == 0 && rl.rlim_cur > 0) return 1;
+    int fd = open("/proc/sys/kernel/core_pattern", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    char c = 0;
+    ssize_t n = read(fd, &c, 1);
+    close(fd);
+    return n == 1 && c == '|';
+}
+
+static void install_dump_handlers(void) {
+    if (!cores_possible()) return;
+    for (size_t i = 0; i < sizeof g_dump_sigs / sizeof g_dump_sigs[0]; i++) {
+        struct sigaction old;
+        /* only where nobody chose a disposition (a handler, SIG_IGN) */
+        if (sigaction(g_dump_sigs[i], NULL, &old) < 0) continue;
+        if ((old.sa_flags & SA_SIGINFO) || old.sa_handler != SIG_DFL) continue;
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = dump_handler;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigfillset(&sa.sa_mask);
+        sigaction(g_dump_sigs[i], &sa, NULL);
     }
-    atomic_store(&g_managed, 1);
-out:
-    errno = saved;
 }
 
 /* ------------------------------------------------------------------ */
@@ -712,33 +988,33 @@ static int create_uffd(uint64_t *features, char *why, size_t whylen) {
     if (fd < 0) fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         int e = errno;
-        snprintf(why, whylen, "cannot create userfaultfd: %s", strerror(e));
+        WHY("cannot create userfaultfd: %s", strerror(e));
         return -e;
     }
     struct uffdio_api api = {.api = UFFD_API, .features = AGENT_API_FEATURES};
     if (ioctl(fd, UFFDIO_API, &api) < 0) {
         int e = errno;
-        snprintf(why, whylen, "UFFDIO_API with fork/remap/remove/unmap/thread-id events: %s",
-                 strerror(e));
+        WHY("UFFDIO_API with fork/remap/remove/unmap/thread-id events: %s",
+                strerror(e));
         close(fd);
         return -e;
     }
     *features = api.features;
-    return move_high(fd);
+    return fd;
 }
 
 static struct agent *map_private(char *why, size_t whylen) {
     size_t total = 4 * PAGE_SZ + REGION_BYTES;
     char *m = mmap(NULL, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED) {
-        snprintf(why, whylen, "cannot map private area: %s", strerror(errno));
+        WHY("cannot map private area: %s", strerror(errno));
         return NULL;
     }
     char *beacon = m + PAGE_SZ;
     char *region = m + 3 * PAGE_SZ;
     if (mprotect(beacon, PAGE_SZ, PROT_READ | PROT_WRITE) < 0 ||
         mprotect(region, REGION_BYTES, PROT_READ | PROT_WRITE) < 0) {
-        snprintf(why, whylen, "cannot set up private area: %s", strerror(errno));
+        WHY("cannot set up private area: %s", strerror(errno));
         munmap(m, total);
         return NULL;
     }
@@ -760,22 +1036,22 @@ static void set_status(const char *s) {
 
 static int agent_start_locked(const char *socket_path, unsigned flags, char *why, size_t whylen) {
     if (!socket_path || !*socket_path) {
-        snprintf(why, whylen, "no socket path");
+        WHY("no socket path");
         return -EINVAL;
     }
     if (flags & ~UFFDSRV_AUTO_MAPS) {
-        snprintf(why, whylen, "unknown flags 0x%x", flags);
+        WHY("unknown flags 0x%x", flags);
         return -EINVAL;
     }
     if (atomic_load(&g_managed)) {
         struct agent *st = g_st;
         if (strcmp(st->addr.sun_path, socket_path) == 0 && st->flags == flags) return 0;
-        snprintf(why, whylen, "already started with another socket or flags");
+        WHY("already started with another socket or flags");
         return -EBUSY;
     }
     size_t plen = strlen(socket_path);
     if (plen >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
-        snprintf(why, whylen, "socket path too long");
+        WHY("socket path too long");
         return -ENAMETOOLONG;
     }
 
@@ -791,38 +1067,50 @@ static int agent_start_locked(const char *socket_path, unsigned flags, char *why
     st->uffd = uffd;
     st->features = features;
     st->flags = flags;
+    st->program = getpid();
+    st->uid = getuid();
+    int pidfd = r_pidfd_open(st->program);
+    st->pidfd = pidfd >= 0 ? pidfd : -1;
     st->pm_mode = probe_zap_mode(st);
     st->addr.sun_family = AF_UNIX;
     memcpy(st->addr.sun_path, socket_path, plen + 1);
     st->addrlen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + plen + 1);
 
     int s = -1, fd_in = -1;
-    int r = hello_exchange(st, flags, uffd, &s, &fd_in, why, whylen);
-    int herr = errno;
+    int r = hello_exchange(st, flags, uffd, &s, &fd_in, 0, why, whylen);
     if (r != HELLO_DONE) {
         /* Before HELLO went out nobody else knows the mapping: drop it.
          * After, a server may have registered its beacon, and munmap would
          * then wait on an UNMAP event that nobody reads: leave it. */
-        if (r == HELLO_NOCONN) munmap((void *)st->map_start, st->map_len);
+        if (st->pidfd >= 0) close(st->pidfd);
         close(uffd);
-        if (r == HELLO_NOCONN) return herr > 0 ? -herr : -ECONNREFUSED;
+        if (r == HELLO_NOCONN || r == HELLO_UNTRUSTED) /* st is in there: last */
+            munmap((void *)st->map_start, st->map_len);
+        if (r == HELLO_NOCONN) return -ECONNREFUSED;
+        if (r == HELLO_UNTRUSTED) return -EACCES;
         return r == HELLO_REFUSED ? -EPERM : -EPROTO;
     }
     if (fd_in >= 0) close(fd_in);
     st->sock = s;
+    st->hello_done = 1;
 
-    int e = start_zap_thread(st);
-    if (e) {
-        snprintf(why, whylen, "cannot start zap thread: %s", strerror(-e));
+    int hp = spawn_helper(st);
+    /* From here our fds live in the helper's table only (or, if it could
+     * not start, the server holds the uffd and we keep ours: see the top). */
+    if (hp < 0) {
+        WHY("cannot start the zap helper: %s", strerror(-hp));
         close(s);
-        /* The server holds the uffd now; ours must stay open (see top). */
-        return e;
+        st->sock = -1;
+        return hp;
     }
+    close(s);
+    close(uffd);
+    if (st->pidfd >= 0) close(st->pidfd);
     g_st = st;
     if (!g_atfork_done) {
-        e = pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+        int e = pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
         if (e == 0) g_atfork_done = 1;
-        /* Without the handler a forked child simply has no zap thread. */
+        /* Without the handler a forked child simply has no helper. */
     }
     atomic_store(&g_managed, 1);
     return 0;
@@ -858,10 +1146,9 @@ static int region_request(uint16_t type, void *addr, size_t len) {
     pthread_mutex_unlock(&g_lock);
     if (!st) return -ENOTCONN;
 
-    int s = connect_server(st);
+    int s = connect_server(st, NULL);
     if (s < 0) return s;
-    set_rcvtimeo(s, REPLY_TIMEOUT_S);
-    struct timeval tv = {REPLY_TIMEOUT_S, 0};
+    struct timeval tv = {REPLY_TIMEOUT_MS / 1000, 0};
     setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 
     struct ufs_region m;
@@ -882,10 +1169,14 @@ static int region_request(uint16_t type, void *addr, size_t len) {
             char raw[1024];
         } r;
         int trunc = 0;
-        ssize_t n = recv_msg(s, &r, sizeof r, &trunc, NULL);
-        if (n < 0 && errno == EINTR) continue;
+        if (wait_readable(st, s, REPLY_TIMEOUT_MS, 0) <= 0) {
+            ret = -ETIMEDOUT;
+            break;
+        }
+        long n = recv_msg(s, &r, sizeof r, MSG_DONTWAIT, &trunc, NULL);
+        if (n == -EINTR || n == -EAGAIN) continue;
         if (n < 0) {
-            ret = (errno == EAGAIN || errno == EWOULDBLOCK) ? -ETIMEDOUT : -errno;
+            ret = (int)n;
             break;
         }
         if (n == 0) {
@@ -923,12 +1214,16 @@ UFFDSRV_API int uffdsrv_unregister(void *addr, size_t len) {
 /* LD_PRELOAD entry                                                    */
 
 __attribute__((constructor)) static void uffdsrv_agent_init(void) {
-    const char *path = getenv("UFFDSRV_SOCKET");
+    /* secure_getenv: a setuid or file-capability program ignores it */
+    const char *path = secure_getenv("UFFDSRV_SOCKET");
     if (!path || !*path) return;
     int saved = errno;
     unsigned flags = UFFDSRV_AUTO_MAPS;
-    const char *am = getenv("UFFDSRV_AUTO_MAPS");
+    const char *am = secure_getenv("UFFDSRV_AUTO_MAPS");
     if (am && strcmp(am, "0") == 0) flags = 0;
-    if (uffdsrv_agent_start(path, flags) != 0) say_unmanaged(uffdsrv_agent_status());
+    if (uffdsrv_agent_start(path, flags) != 0)
+        say_unmanaged(uffdsrv_agent_status());
+    else
+        install_dump_handlers();
     errno = saved;
 }

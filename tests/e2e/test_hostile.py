@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from uffdsrv.core import protocol as p
 from uffdsrv.system import proc, uffd
-from uffdsrv.system.procfs import find_uffd
+from uffdsrv.system.procfs import agent_uffd
 
 from ..conftest import Server, uffdsrv
 
@@ -357,8 +357,9 @@ def test_hostile_control_socket(server, workload):
     beacon = private + PAGE
     # the managed workload's own uffd, taken the way an attacker with
     # ptrace rights would: it is another client's context, refused
-    pidfd = proc.pidfd_open(w.pid)
-    wl_uffd = proc.pidfd_getfd(pidfd, find_uffd(w.pid), w.pid)
+    holder, num = agent_uffd(w.pid)  # in the agent's zap helper's fd table
+    pidfd = proc.pidfd_open(holder)
+    wl_uffd = proc.pidfd_getfd(pidfd, num, holder)
     out = atk.one(hello(private=(private, private + 3 * PAGE), beacon=beacon), [wl_uffd])
     assert out[0] == "error" and out[1] == errno.EBUSY and out[3], out
     out = atk.one(hello(flags=p.HELLO_RECONNECT, private=(private, private + 3 * PAGE),

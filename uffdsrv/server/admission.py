@@ -8,16 +8,36 @@ fdinfo, not what HELLO claims), must not be another client's context
 (kcmp: two readers of one context steal each other's faults), and must
 act on the peer's own memory: registering the peer's beacon page through
 it must show in the peer's /proc/PID/smaps.
+
+Who the peer is: SO_PEERCRED names the process that connected. The
+agent's first HELLO comes from the program itself; the later ones (a
+reconnect, a forked child's) come from its zap helper, a CLONE_VM child
+with its own pid, and say so with HELLO_HELPER. Such a HELLO speaks for
+the helper's parent, and only if the two share one mm (kcmp KCMP_VM): a
+process that merely claims the flag speaks for nobody else.
 """
 import errno
 
+from ..core import protocol
 from ..core.pages import PAGE
-from ..system import ident, uffd
+from ..system import ident, procfs, uffd
 from .managed import Registry
 
 
 class Refused(OSError):
     """A well-formed request the server will not honour: ERROR, then drop."""
+
+
+def hello_pid(peer_pid: int, hello: dict) -> int:
+    """The pid a HELLO speaks for: the peer's, or for a zap helper's, the
+    program it serves (its parent, sharing its mm)."""
+    if not hello["flags"] & protocol.HELLO_HELPER:
+        return peer_pid
+    parent = procfs.ppid_of(peer_pid) if peer_pid > 0 else None
+    if not parent or parent <= 1 or not procfs.same_vm(peer_pid, parent):
+        raise Refused(errno.EPERM, f"pid {peer_pid} says HELLO as a zap helper but shares "
+                                   f"no mm with its parent {parent}")
+    return parent
 
 
 def check_uffd(fd: int, pid: int, hello: dict, clients: Registry) -> bool:

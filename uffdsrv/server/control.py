@@ -261,6 +261,8 @@ class Connection:
             if not forked and not procfs.is_uffd(fds[0]):
                 raise ProtocolError("the fd sent with HELLO is not a userfaultfd")
             try:
+                # a zap helper's HELLO speaks for its program (admission.py)
+                self.pid = admission.hello_pid(self.pid, hello)
                 if not forked and admission.check_uffd(fds[0], self.pid, hello,
                                                           self.control.clients):
                     # the context this pid's client already holds: the

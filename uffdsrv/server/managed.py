@@ -123,8 +123,13 @@ class ManagedProcess:
         self.uffd = self.pidfd = None
         if self.agent is not None:
             self.agent.fail_all(ConnectionError("client exited"))
+            # its Connection owns the socket and watches it on the loop:
+            # closing it under the watch wedged the loop (the agent's zap
+            # helper outlives the program by a moment, so the exit often
+            # comes first); a shutdown makes the Connection see EOF and
+            # close it itself
             try:
-                self.agent.sock.close()
+                self.agent.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 

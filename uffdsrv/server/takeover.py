@@ -14,6 +14,7 @@ pidfd_getfd, and refines the page map with what is present now (pagemap):
   they fault again and reach us.
 """
 import logging
+import os
 
 from ..core import journal, protocol
 from ..core.batch import Batch
@@ -59,13 +60,23 @@ class Takeover:
         pid = rec.pid
         if not pid or procfs.starttime(pid) != rec.starttime:
             return None
-        num = procfs.find_uffd(pid)
-        if num is None:
+        found = procfs.agent_uffd(pid)  # in the agent's zap helper, a CLONE_VM child
+        if found is None:
             log.error("pid %d: no uffd found to take over; its reclaimed pages wait", pid)
             return None
+        holder, num = found
         try:
             pidfd = proc.pidfd_open(pid)
-            fd = proc.pidfd_getfd(pidfd, num, pid)
+            try:
+                hfd = pidfd if holder == pid else proc.pidfd_open(holder)
+                try:
+                    fd = proc.pidfd_getfd(hfd, num, holder)
+                finally:
+                    if hfd != pidfd:
+                        os.close(hfd)
+            except OSError:
+                os.close(pidfd)
+                raise
         except OSError as e:
             log.error("pid %d: cannot take its uffd back: %s", pid, e)
             return None

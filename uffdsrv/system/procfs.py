@@ -9,11 +9,18 @@ machine where nothing is built.
 * /proc/PID/status "Tgid:" names the process of a thread id; the id must be
   in *our* pid namespace (a fault's THREAD_ID is in the faulting thread's).
 * /proc/PID/fd/N of a userfaultfd reads "anon_inode:[userfaultfd]".
+* The agent's zapper is a helper process: a CLONE_VM child of the program
+  (its mm, not its thread group or fd table), named "uffdsrv-zap", which
+  holds the agent's uffd in a table of its own. A program's children are
+  listed per thread in /proc/PID/task/TID/children; kcmp(KCMP_VM) says
+  whether one shares the program's mm (the one call here that is not a
+  read of /proc: libc's syscall(), so nothing native is needed).
 * /proc/meminfo is the machine's memory: what a user sees in `free`.
   Memory given back is MemFree (and the page cache that did not grow),
   never a process's RSS: a page written to a file through the page cache
   only moves from the program into the kernel's cache.
 """
+import ctypes
 import os
 
 UFFD_LINK = "anon_inode:[userfaultfd]"
@@ -75,9 +82,55 @@ def uffd_fds(pid: int) -> list[int] | None:
     return sorted(int(n) for n in names if is_uffd(int(n), pid))
 
 
+def ppid_of(pid: int) -> int | None:
+    for line in (_read(f"/proc/{pid}/status") or "").splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    return None
+
+
+_SYS_KCMP = 312  # x86-64
+_KCMP_VM = 1
+_libc = None
+
+
+def same_vm(pid1: int, pid2: int) -> bool:
+    """kcmp(KCMP_VM): do the two processes share one mm? False when it
+    cannot be told (no such pid, no permission, no kcmp)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc.syscall(ctypes.c_long(_SYS_KCMP), ctypes.c_long(pid1), ctypes.c_long(pid2),
+                         ctypes.c_long(_KCMP_VM), ctypes.c_long(0), ctypes.c_long(0)) == 0
+
+
+def helpers(pid: int) -> list[int]:
+    """The children of pid that share its mm: the agent's zap helper."""
+    kids: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for tid in tids:
+        kids.extend(int(k) for k in (_read(f"/proc/{pid}/task/{tid}/children") or "").split())
+    return [k for k in sorted(set(kids)) if same_vm(pid, k)]
+
+
+def agent_uffd(pid: int) -> tuple[int, int] | None:
+    """(holder pid, fd number) of the agent's uffd for the program pid: in
+    its zap helper's fd table, or (an older agent) in its own."""
+    for h in helpers(pid):
+        found = uffd_fds(h)
+        if found:
+            return h, found[0]
+    num = find_uffd(pid)
+    return None if num is None else (pid, num)
+
+
 def find_uffd(pid: int) -> int | None:
-    """The fd number of the agent's uffd in the process: the agent keeps it
-    at 900 or above; a program's own uffds sit lower."""
+    """The fd number of the agent's uffd in the process's own fd table: an
+    older agent kept it at 900 or above; a program's own uffds sit lower.
+    Today's agent keeps it in its helper's table (agent_uffd)."""
     found = uffd_fds(pid)
     if not found:
         return None
