@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from uffdsrv import ctl
+from uffdsrv.core import journal
 
 from ..conftest import Server, Workload, wait_client
 from ..support import wait_until
@@ -104,6 +105,15 @@ def in_flight(s: Server, w: Workload) -> bool:
     return c["resident_bytes"] + c["swapped_bytes"] < c["managed_bytes"]
 
 
+def zap_sent(s: Server) -> bool:
+    """A batch's SWAP records are in the journal: they are written just
+    before its ZAP goes out, in the same turn of the server's loop."""
+    data = (s.dir / "journal").read_bytes()
+    n = len(data) // journal.REC.size
+    return any(op == journal.SWAP for op, *_ in journal.REC.iter_unpack(
+        data[:n * journal.REC.size]))
+
+
 def consistent(s: Server, w: Workload) -> bool:
     """No page of w is left in flight, and the swap file holds exactly the
     clients' swapped pages (no slot leaked, none shared by mistake)."""
@@ -129,7 +139,7 @@ def test_a_stop_while_a_zap_waits_in_a_stopped_program_loses_nothing(need_kernel
         frozen = Paused(w)
         frozen.pause()
         t, _ = reclaim_in_background(s, w.pid)
-        wait_until(lambda: in_flight(s, w), message="no batch of the stopped program started")
+        wait_until(lambda: zap_sent(s), message="no zap of the stopped program went out")
         t0 = time.monotonic()
         assert s.stop() == 0, s.log_text()
         stop_seconds = time.monotonic() - t0

@@ -82,3 +82,46 @@ def test_the_locked_part_of_managed_ranges():
     assert overlap(managed, []) == []
     assert overlap([], [(0, 1 << 40)]) == []
     assert overlap(managed, [(0x9000, 0x10000)]) == []
+
+
+def test_a_late_zap_over_zero_pages_reads_as_ours_after_a_takeover():
+    """A stop left a batch whose zap went out: pages 0-1 with slots (SWAP),
+    page 2 all zeros and page 3 an absent page the range stepped over (no
+    slot: ZAP). The next server holds all four until the agent is back, so
+    the late zap's REMOVE lands on them as ours: the swapped pages stay
+    swapped with their slots, and a write to the zero page that came before
+    it waits for the batch instead of being dropped by it."""
+    from uffdsrv.core import journal as j
+    from uffdsrv.core.batch import Batch as B
+
+    log = b"".join([j.pack(j.CLIENT, 1, 100, 7001, 4), j.pack(j.AGENT, 1, 0, 0, 0),
+                    j.pack(j.REGION, 1, A, A + 6 * PAGE),
+                    *j.swap_records(1, [A, A + PAGE], [5, 6]),
+                    *j.zap_records(1, [A + 2 * PAGE, A + 3 * PAGE])])
+    clients, slots = j.replay(log, 32)
+    [r] = clients[1].pages.regions
+    assert r.expect.tolist() == [1, 1, 1, 1, 0, 0]
+    present = np.array([True, True, True, False, True, False])  # the zap has not run
+    got = j.refine(r, present, slots)
+    assert got.pending.tolist() == [0, 1, 2] and got.gaps.tolist() == [3]
+    pm = clients[1].pages
+    b = B.recovered(pm, r, got.pending, got.gaps)
+    assert (r.batch[:4] == b.id).all() and r.batch[4] == 0 and b.zap_sent
+    pm.remove(A, A + 4 * PAGE, slots)  # the late zap
+    b.settle(pm, slots)
+    assert states(r) == "SSEERE"
+    assert r.slot.tolist()[:2] == [5, 6] and slots.used == 2
+
+
+def test_a_snapshot_keeps_the_zap_of_slotless_pages():
+    from uffdsrv.core import journal as j
+
+    slots, pm, r, b = zapped_batch(4)
+    b.set_slots(pm, np.array([2, 3]), np.array([-1, -1]))  # all zeros
+    slots.release(np.array([2, 3]))
+
+    class C:
+        cid, pid, starttime, flags, private, beacon = 1, 100, 7001, 0, (0, 0), 0
+        pages = pm
+    clients, _ = j.replay(j.snapshot([C]), 32)
+    assert clients[1].pages.regions[0].expect.tolist() == [1, 1, 1, 1]

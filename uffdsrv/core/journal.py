@@ -15,6 +15,10 @@ needs fsync):
   REGION  cid start end             a managed range
   SWAP    cid addr npages slot0     these pages' bytes are in these slots;
                                     written *before* the zap is sent
+  ZAP     cid addr npages           a zap of these pages (which hold no
+                                    slot: all zeros, or absent ones the
+                                    ranges step over) was sent; written
+                                    before it, like SWAP
   SETTLED cid addr npages           the zap of these pages is over
   FREE    cid addr npages           these pages no longer hold a slot
   UNMAP   cid start end
@@ -26,6 +30,9 @@ refined with the truth at takeover: a page recorded SWAP that is present
 in the process either still waits for a zap the dead server sent (no
 SETTLED yet: replay leaves `expect` set on it), or was faulted back in and
 the dead server did not get to write its FREE (settled: it is resident).
+A page of an unsettled ZAP is held the same way, slot or not: the program
+may write it before the late zap runs, and that zap's REMOVE must then
+read as ours (the write waits for it), not as the program's own DONTNEED.
 """
 import struct
 from dataclasses import dataclass, field
@@ -37,7 +44,7 @@ from .ranges import paired_runs, runs
 from .slots import Slots
 
 REC = struct.Struct("<BxxxIQQQ")  # 32 bytes
-CLIENT, AGENT, FORK, BIND, EXIT, REGION, SWAP, FREE, UNMAP, REMAP, SETTLED = range(1, 12)
+CLIENT, AGENT, FORK, BIND, EXIT, REGION, SWAP, FREE, UNMAP, REMAP, SETTLED, ZAP = range(1, 13)
 
 
 @dataclass
@@ -96,6 +103,9 @@ def replay(data: bytes, nslots: int) -> tuple[dict[int, Recovered], Slots]:
         elif op == SETTLED:
             for reg, lo, hi in r.pages.overlapping(a, a + b * PAGE):
                 reg.expect[lo:hi] = 0
+        elif op == ZAP:
+            for reg, lo, hi in r.pages.overlapping(a, a + b * PAGE):
+                reg.expect[lo:hi] = 1
         elif op == UNMAP:
             r.pages.drop(a, b, slots)
         elif op == REMAP:
@@ -144,6 +154,9 @@ def snapshot(clients) -> bytes:
             out.extend(swap_records(c.cid, r.start + idx * PAGE, r.slot[idx]))
             done = idx[~held[idx]]
             out.extend(settled_records(c.cid, r.start + done * PAGE))
+            # the slotless pages a sent zap still covers (a stop leaves them so)
+            zapping = np.flatnonzero((r.batch != 0) & (r.slot < 0) & (r.expect > 0))
+            out.extend(zap_records(c.cid, r.start + zapping * PAGE))
     return b"".join(out)
 
 
@@ -172,6 +185,11 @@ def settled_records(cid: int, addrs) -> list[bytes]:
     return _run_records(SETTLED, cid, addrs)
 
 
+def zap_records(cid: int, addrs) -> list[bytes]:
+    """ZAP records for the sorted slotless pages at `addrs`, one per run."""
+    return _run_records(ZAP, cid, addrs)
+
+
 def free_records(cid: int, addrs) -> list[bytes]:
     """FREE records for the sorted pages at `addrs`, one per run."""
     return _run_records(FREE, cid, addrs)
@@ -189,17 +207,17 @@ def refine(region: Region, present: np.ndarray, slots: Slots) -> Refined:
     """Correct a replayed region with the truth of the live process
     (pagemap): a page never seen but present is resident; a page recorded
     swapped whose zap had settled but that is present was faulted back in
-    (its slot goes back); a swapped page whose zap had not settled either
-    still waits for that zap (present) or was zapped (absent). The last two
-    are returned for the caller to hold as a batch until the agent is back;
-    `expect` is cleared here (the batch counts the REMOVEs anew)."""
+    (its slot goes back); a page whose zap had not settled (SWAP or ZAP)
+    either still waits for that zap (present) or was zapped (absent). The
+    last two are returned for the caller to hold as a batch until the agent
+    is back; `expect` is cleared here (the batch counts the REMOVEs anew)."""
     st = region.state
     st[present & (st == EMPTY)] = RESIDENT
     back = np.flatnonzero(present & (st == SWAPPED) & (region.expect == 0))
     if len(back):
         slots.release(region.slot[back])
         st[back], region.slot[back] = RESIDENT, -1
-    unsettled = (st == SWAPPED) & (region.expect > 0)
+    unsettled = region.expect > 0
     out = Refined(back, np.flatnonzero(present & unsettled), np.flatnonzero(~present & unsettled))
     region.expect[:] = 0
     return out

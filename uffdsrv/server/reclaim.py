@@ -198,9 +198,10 @@ class ReclaimPath:
             # the page map is on disk before any page can go
             # (swapped pages the ranges step over too: a restart must know
             # that the REMOVE it may read for them is ours)
-            with_slot = zap_pos[b.slots[zap_pos] >= 0]
-            self.journal.commit(journal.swap_records(client.cid, b.addrs[with_slot],
-                                                     b.slots[with_slot]))
+            has = b.slots[zap_pos] >= 0
+            self.journal.commit(journal.swap_records(client.cid, b.addrs[zap_pos[has]],
+                                                     b.slots[zap_pos[has]])
+                                + journal.zap_records(client.cid, b.addrs[zap_pos[~has]]))
             zapped, covered = b.addrs[live], b.addrs[zap_pos]
             b.expect_zap(pages, zap_pos)
             t_zap = time.monotonic()
