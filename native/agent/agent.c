@@ -169,6 +169,7 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/wait.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -757,6 +758,63 @@ static int program_alive(const struct agent *st) {
     return r <= 0;
 }
 
+/* Parse "Name:\tN\tN..." out of a /proc status text: up to max numbers. */
+static int status_ids(const char *text, const char *name, unsigned *out, int max) {
+    size_t nl = strlen(name);
+    for (const char *p = text; *p;) {
+        if (strncmp(p, name, nl) == 0) {
+            int n = 0;
+            p += nl;
+            while (n < max) {
+                while (*p == ' ' || *p == '\t') p++;
+                if (*p < '0' || *p > '9') break;
+                unsigned v = 0;
+                while (*p >= '0' && *p <= '9') v = v * 10 + (unsigned)(*p++ - '0');
+                out[n++] = v;
+            }
+            return n;
+        }
+        while (*p && *p != '\n') p++;
+        if (*p) p++;
+    }
+    return -1;
+}
+
+/* Credentials are per task, and glibc's setuid() broadcast reaches only
+ * its own threads: a program that drops root would leave a root helper
+ * sharing its memory. So the helper follows the program's ids down (uids,
+ * gids, groups), checked on every wake-up. Raw calls change only the
+ * helper itself, which is what we want here. */
+static void follow_ids(struct agent *st) {
+    char path[32] = "/proc/";
+    char *q = path + 6;
+    char digits[12];
+    int nd = 0;
+    for (unsigned v = (unsigned)st->program; v && nd < 11; v /= 10) digits[nd++] = (char)('0' + v % 10);
+    while (nd) *q++ = digits[--nd];
+    memcpy(q, "/status", 8);
+    int fd = (int)RS(SYS_open, path, O_RDONLY | O_CLOEXEC, 0, 0, 0, 0);
+    if (fd < 0) return;
+    char *text = (char *)st->rbuf; /* free between messages */
+    long n = RS(SYS_read, fd, text, sizeof st->rbuf - 1, 0, 0, 0);
+    r_close(fd);
+    if (n <= 0) return;
+    text[n] = 0;
+    unsigned uid[4], gid[4], groups[64], ru, eu, su, rg, eg, sg;
+    int ng = status_ids(text, "Groups:", groups, 64);
+    if (status_ids(text, "Uid:", uid, 4) < 3 || status_ids(text, "Gid:", gid, 4) < 3 || ng < 0)
+        return;
+    RS(SYS_getresuid, &ru, &eu, &su, 0, 0, 0);
+    RS(SYS_getresgid, &rg, &eg, &sg, 0, 0, 0);
+    if (ru == uid[0] && eu == uid[1] && su == uid[2] && rg == gid[0] && eg == gid[1] &&
+        sg == gid[2])
+        return;
+    /* groups and gids first: after the uids change we may not be allowed */
+    RS(SYS_setgroups, ng, groups, 0, 0, 0, 0);
+    RS(SYS_setresgid, gid[0], gid[1], gid[2], 0, 0, 0);
+    RS(SYS_setresuid, uid[0], uid[1], uid[2], 0, 0, 0);
+}
+
 static __attribute__((noreturn)) void helper_exit(struct agent *st) {
     /* The uffd goes with us; by now the program is gone or has a new mm,
      * so nothing is registered through it any more. */
@@ -786,6 +844,7 @@ static void connect_helper(struct agent *st) {
     for (;;) {
         if (delay && nap(st, delay) < 0) helper_exit(st);
         if (!program_alive(st)) helper_exit(st);
+        follow_ids(st);
         delay = 100;
         uint32_t flags = st->flags | UFS_HELLO_HELPER;
         if (st->hello_done) flags |= UFS_HELLO_RECONNECT;
@@ -826,6 +885,7 @@ static int helper_main(void *arg) {
         struct pollfd p[2] = {{st->sock, POLLIN, 0}, {st->pidfd, POLLIN, 0}};
         long r = r_poll(p, 2, WATCH_MS);
         if (p[1].revents || !program_alive(st)) helper_exit(st);
+        follow_ids(st);
         if (r <= 0) continue;
         if (!p[0].revents) continue;
         int trunc = 0;
@@ -1030,6 +1090,42 @@ static struct agent *map_private(char *why, size_t whylen) {
     return st;
 }
 
+/* After an exec the previous image's helper is still our child: alive for
+ * up to WATCH_MS until it sees the new mm, then a zombie that nobody reaps
+ * (exit signal 0: wait() without __WALL skips it). End and reap it here. */
+static void end_old_helpers(void) {
+    char path[64], buf[4096];
+    snprintf(path, sizeof path, "/proc/self/task/%d/children", (int)getpid());
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return;
+    buf[n] = 0;
+    for (char *p = buf, *end;; p = end) {
+        long pid = strtol(p, &end, 10);
+        if (end == p || pid <= 0) break;
+        char comm[32];
+        snprintf(path, sizeof path, "/proc/%ld/comm", pid);
+        int cf = open(path, O_RDONLY | O_CLOEXEC);
+        if (cf < 0) continue;
+        ssize_t m = read(cf, comm, sizeof comm - 1);
+        close(cf);
+        if (m <= 0) continue;
+        comm[m] = 0;
+        if (strcmp(comm, "uffdsrv-zap\n") != 0) continue;
+        if (syscall(SYS_kcmp, getpid(), (pid_t)pid, KCMP_VM, 0, 0) == 0) continue; /* ours */
+        kill((pid_t)pid, SIGKILL);
+        for (int i = 0; i < 100; i++) { /* a killed task ends at once; never hang start */
+            siginfo_t si;
+            memset(&si, 0, sizeof si);
+            if (waitid(P_PID, (id_t)pid, &si, WEXITED | WNOHANG | __WALL) < 0 || si.si_pid) break;
+            struct timespec ts = {0, 10 * 1000000L};
+            nanosleep(&ts, NULL);
+        }
+    }
+}
+
 static void set_status(const char *s) {
     snprintf(g_status, sizeof g_status, "%s", s);
 }
@@ -1094,6 +1190,7 @@ static int agent_start_locked(const char *socket_path, unsigned flags, char *why
     st->sock = s;
     st->hello_done = 1;
 
+    end_old_helpers();
     int hp = spawn_helper(st);
     /* From here our fds live in the helper's table only (or, if it could
      * not start, the server holds the uffd and we keep ours: see the top). */

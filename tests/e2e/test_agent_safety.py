@@ -98,6 +98,11 @@ RECORDS = textwrap.dedent(r'''
             say("ok", status)
         elif cmd == "exec":
             os.execv(sys.executable, [sys.executable, "-c", sys.argv[2], args[0], sys.argv[2]])
+        elif cmd == "drop":  # as a daemon that drops root after start
+            os.setgroups([])
+            os.setresgid(int(args[0]), int(args[0]), int(args[0]))
+            os.setresuid(int(args[0]), int(args[0]), int(args[0]))
+            say("ok")
         elif cmd == "abort":
             os.abort()
         elif cmd == "exit":
@@ -356,10 +361,10 @@ def test_exec_ends_the_old_helper_and_the_new_image_is_managed(srv):
     prog.npages = 256
     prog._ready()
     assert prog.pid == pid
-    # within a few seconds no process is left with the old mm: the old
-    # helper is gone (reaped or a zombie, which has no mm)
-    wait_until(lambda: not any(h in zap_helpers(pid) for h in old), 5,
-               lambda: f"old helper {old} still alive")
+    # no process is left with the old mm: the new image's agent ended the
+    # old helper and reaped it (not even a zombie is left)
+    wait_until(lambda: all(procfs.ppid_of(h) != pid for h in old), 5,
+               lambda: f"old helper {old} still a child of {pid}")
     new = zap_helpers(pid)
     assert len(new) == 1 and new != old, (old, new)
     reclaimed(s, prog)
@@ -426,6 +431,27 @@ def test_a_listener_of_another_uid_gets_nothing(need_kernel):
         ev.kill()
         ev.wait()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_the_helper_drops_root_with_the_program(srv):
+    """Credentials are per task: a helper left as root would share memory
+    with a program that dropped to nobody. It follows the program down."""
+    s, progs = srv
+    prog = Program(s.socket, 256)
+    progs.append(prog)
+    wait_client(s, prog.pid)
+    reclaimed(s, prog)
+    (helper,) = zap_helpers(prog.pid)
+    prog.cmd("drop 65534")
+
+    def ids():
+        text = procfs._read(f"/proc/{helper}/status") or ""
+        return [line.split()[1:4] for line in text.splitlines()
+                if line.startswith(("Uid:", "Gid:"))]
+    wait_until(lambda: ids() == [["65534"] * 3] * 2, 5, lambda: f"helper ids {ids()}")
+    assert prog.bad() == 0
+    reclaimed(s, prog)  # still zaps for the server
+    assert prog.bad() == 0
 
 
 @pytest.fixture
