@@ -13,6 +13,7 @@ dropped, and how much memory the pool holds.
 The program is a Python one using the explicit API (only its buffer is
 managed, so the counts are the buffer's): each page's bytes are a pure
 function of (kind, index, generation), and `verify` compares them all."""
+import os
 import re
 import signal
 import subprocess
@@ -139,7 +140,7 @@ class Program:
         wait_until(lambda: server.client(self.pid)["managed_bytes"] >= npages * PAGE,
                    message="the buffer was never registered")
 
-    def cmd(self, line: str, timeout: float = 120) -> list[str]:
+    def cmd(self, line: str) -> list[str]:
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
         out = self.proc.stdout.readline().split()
@@ -168,15 +169,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tier_server(tmp, cap: str = "32M", codec: str = "lz4", swap_size: str = "64M",
-                metrics: bool = True) -> Server:
-    extra = ["--ram-tier", cap, "--ram-tier-codec", codec]
-    port = None
-    if metrics:
-        port = free_port()
-        extra += ["--metrics-addr", f"127.0.0.1:{port}"]
-    s = Server(tmp, swap_size=swap_size, extra=extra)
-    s.metrics_url = None if port is None else f"http://127.0.0.1:{port}/metrics"
+def tier_server(tmp, cap: str = "32M", codec: str = "lz4", swap_size: str = "64M") -> Server:
+    port = free_port()
+    s = Server(tmp, swap_size=swap_size, extra=["--ram-tier", cap, "--ram-tier-codec", codec,
+                                                "--metrics-addr", f"127.0.0.1:{port}"])
+    s.metrics_url = f"http://127.0.0.1:{port}/metrics"
     return s.start()
 
 
@@ -234,7 +231,7 @@ def served(program_file, tmp_path):
 
 # --- without root: the pieces the server builds the tier from ------------------------
 def test_ram_tier_sizes_and_shares():
-    total = __import__("os").sysconf("SC_PAGE_SIZE") * __import__("os").sysconf("SC_PHYS_PAGES")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert ram_tier_size("256M") == 256 * MIB
     assert ram_tier_size("0") == 0
     share = ram_tier_size("25%")
