@@ -78,6 +78,11 @@ RECORDS = textwrap.dedent(r'''
         elif cmd == "unshare":
             r = libc.unshare(int(args[0], 0))
             say("ok", r, ctypes.get_errno())
+        elif cmd == "setns":  # into a namespace of its own kind, as nsenter does
+            fd = os.open(f"/proc/self/ns/{args[0]}", os.O_RDONLY)
+            r = libc.setns(fd, 0)
+            say("ok", r, ctypes.get_errno())
+            os.close(fd)
         elif cmd == "fork":
             # the child checks the parent's data, then waits to be reclaimed
             d = args[0]
@@ -228,6 +233,9 @@ def test_a_program_that_unshares_itself_is_still_reclaimed(srv):
     prog = Program(s.socket, 512)
     progs.append(prog)
     wait_client(s, prog.pid)
+    # setns() into a mount namespace needs an fs_struct of its own: a
+    # thread shares it (EINVAL), a helper process does not
+    assert prog.cmd("setns mnt") == ["0", "0"]
     CLONE_NEWUSER, CLONE_NEWNS = 0x10000000, 0x00020000
     assert prog.cmd(f"unshare {CLONE_NEWUSER | CLONE_NEWNS:#x}") == ["0", "0"]
     reclaimed(s, prog)
@@ -393,6 +401,32 @@ def test_a_server_restart_is_served_through_the_helper(need_kernel, tmp_path):
     finally:
         prog.close()
         s.stop()
+
+
+def test_a_hello_that_claims_to_be_a_helper_speaks_for_nobody(srv):
+    """HELLO_HELPER moves a HELLO to the peer's parent only when the two
+    share one mm. The test process is no CLONE_VM child of its parent: its
+    forked-child HELLO (no fd) and its reconnect with a uffd are refused
+    (EPERM), and the managed program it might have claimed is untouched."""
+    s, progs = srv
+    prog = Program(s.socket, 64)
+    progs.append(prog)
+    wait_client(s, prog.pid)
+    for flags in (p.HELLO_HELPER | p.HELLO_FORKED, p.HELLO_HELPER | p.HELLO_FORKED |
+                  p.HELLO_RECONNECT):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        c.settimeout(10)
+        try:
+            c.connect(s.socket)
+            c.send(p.pack_hello(flags, 0, (0, 0), 0))
+            reply = c.recv(4096)
+        finally:
+            c.close()
+        assert p.header(reply)[0] == p.ERROR and p.parse_error(reply)[0] == 1, reply  # EPERM
+    assert "shares no mm" in s.log_text(), s.log_text()
+    assert s.client(prog.pid)["agent"]
+    reclaimed(s, prog)
+    assert prog.bad() == 0
 
 
 def test_a_listener_of_another_uid_gets_nothing(need_kernel):
