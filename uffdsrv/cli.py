@@ -2,8 +2,9 @@
 
     uffdsrv serve   --socket PATH --swap PATH [--swap-size BYTES] [--metrics-addr HOST:PORT]
     uffdsrv run     --socket PATH -- CMD [ARGS...]
-    uffdsrv status  --socket PATH [--json]
+    uffdsrv status  --socket PATH [--json] [--pid PID]
     uffdsrv reclaim --socket PATH --pid PID [--keep-bytes N]
+    uffdsrv restore --socket PATH --pid PID
     uffdsrv limit   --socket PATH --pid PID --bytes N|none
     uffdsrv top     --socket PATH [--metrics-url URL] [--interval S] [--once]
 
@@ -135,10 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="what the server manages")
     st.add_argument("--socket", default=DEFAULT_SOCKET)
     st.add_argument("--json", action="store_true")
+    st.add_argument("--pid", type=positive_int, default=None, help="only this program")
     rc = sub.add_parser("reclaim", help="reclaim a client's memory now")
     rc.add_argument("--socket", default=DEFAULT_SOCKET)
     rc.add_argument("--pid", type=positive_int, required=True)
     rc.add_argument("--keep-bytes", type=parse_size, default=0)
+    rs = sub.add_parser("restore", help="bring every page of a program back and stop "
+                                        "managing it (before a debugger or a core dump)")
+    rs.add_argument("--socket", default=DEFAULT_SOCKET)
+    rs.add_argument("--pid", type=positive_int, required=True)
     lm = sub.add_parser("limit", help="set a program's budget of resident managed memory")
     lm.add_argument("--socket", default=DEFAULT_SOCKET)
     lm.add_argument("--pid", type=positive_int, required=True)
@@ -230,7 +236,7 @@ def cmd_run(a) -> int:
 
 
 def cmd_status(a) -> int:
-    reply = ctl.request(a.socket, "status")
+    reply = ctl.request(a.socket, "status", **({} if a.pid is None else {"pid": a.pid}))
     if a.json:
         print(json.dumps(reply))
         return 0
@@ -250,6 +256,14 @@ def cmd_reclaim(a) -> int:
     # a reclaim of a large program takes a while: wait for it
     reply = ctl.request(a.socket, "reclaim", timeout=600, pid=a.pid, keep_bytes=a.keep_bytes)
     print(json.dumps({"reclaimed_bytes": reply["reclaimed_bytes"]}))
+    return 0
+
+
+def cmd_restore(a) -> int:
+    # every reclaimed page is read back from swap: as long as a reclaim
+    reply = ctl.request(a.socket, "restore", timeout=600, pid=a.pid)
+    print(f"pid {reply['pid']}: {reply['restored_pages']} pages brought back; "
+          "no longer managed")
     return 0
 
 
@@ -273,7 +287,8 @@ def main(argv=None) -> int:
     try:
         a = build_parser().parse_args(argv)
         return {"serve": cmd_serve, "run": cmd_run, "status": cmd_status,
-                "reclaim": cmd_reclaim, "limit": cmd_limit, "top": cmd_top}[a.cmd](a)
+                "reclaim": cmd_reclaim, "restore": cmd_restore, "limit": cmd_limit,
+                "top": cmd_top}[a.cmd](a)
     except ctl.ControlError as e:
         print(f"uffdsrv: {_say(e)}", file=sys.stderr)
         return 2

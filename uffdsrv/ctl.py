@@ -22,15 +22,17 @@ How a missing or unwilling server shows up, and what it becomes here:
 
 The server answers the requests of one connection as they finish, so a
 kept Connection matches replies by sequence number and drops a late reply
-to a request that timed out.
+to a request that timed out. A reply larger than one message (status of
+hundreds of clients) comes as several CTL_REPLY of the same sequence
+number, joined here (core/replies.py).
 """
 import errno as _errno
 import socket
 import threading
 
-from .core import protocol
+from .core import protocol, replies
 
-__all__ = ["Connection", "ControlError", "Unreachable", "request"]
+__all__ = ["Connection", "ControlError", "Unreachable", "request", "restore"]
 
 
 class ControlError(Exception):
@@ -109,6 +111,7 @@ class Connection:
             pass  # refused at accept: the ERROR saying why may wait in our queue
         except OSError as e:
             raise _unreachable(self.path, e) from None
+        joiner = replies.Joiner()
         while True:
             try:
                 data = s.recv(protocol.MAX_MSG)
@@ -131,10 +134,12 @@ class Connection:
                     raise protocol.ProtocolError(f"message type {mtype} on a control connection")
                 if got != seq:
                     continue  # the late answer to a request that timed out
-                reply = protocol.parse_ctl(data)
-            except protocol.ProtocolError as e:
+                reply = joiner.add(protocol.parse_ctl(data))
+            except (protocol.ProtocolError, ValueError) as e:
                 raise Unreachable(f"the server on {self.path} sent a bad reply: {e}",
                                   _errno.EPROTO) from None
+            if reply is None:
+                continue  # more parts of it follow
             if "error" in reply:
                 raise ControlError(str(reply["error"]))
             return reply
@@ -159,3 +164,10 @@ def request(path: str, cmd: str, *, timeout: float | None = 30.0, **fields) -> d
     """One connection, one request: {"cmd": cmd, **fields} -> the reply."""
     with Connection(path, timeout) as c:
         return c.request(cmd, **fields)
+
+
+def restore(path: str, pid: int, timeout: float | None = 600.0) -> int:
+    """Bring every page of pid back and stop managing it (before a debugger
+    attaches, or a core dump): -> the pages brought back. Reading them
+    back from swap takes as long as a reclaim, hence the long timeout."""
+    return request(path, "restore", timeout=timeout, pid=pid)["restored_pages"]

@@ -14,7 +14,13 @@ Hostile peers (tests/e2e/test_hostile.py fuzzes all of this):
 * which uffd: only one that acts on the peer's own memory and is no other
   client's (admission.py).
 * which ranges: REGISTER is checked against the peer's own /proc/PID/maps
-  (regions.api_region) and acts through the peer's own, verified uffd."""
+  (regions.api_region) and acts through the peer's own, verified uffd.
+* which process: a pid is reused once its process is reaped, so a pidfd
+  is taken at accept (peer.py) and a message is refused once the process
+  that connected has exited: its pid may name another by now.
+* how large: a reply bigger than one message (status of hundreds of
+  clients) goes as several CTL_REPLY of one seq (core/replies.py); a
+  request that fails in any way is answered ERROR, never left waiting."""
 import array
 import asyncio
 import errno
@@ -26,11 +32,11 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..core import access, protocol
+from ..core import access, protocol, replies
 from ..core.protocol import ProtocolError
 from ..core.ratelimit import LogLimit
 from ..system import ident, proc, procfs
-from . import admission, sockets
+from . import admission, peer, sockets
 from .managed import Registry
 
 log = logging.getLogger("uffdsrv.control")
@@ -43,6 +49,7 @@ FDS_PER_CLIENT = 3  # an agent's socket, its uffd, its pidfd
 FD_RESERVE = 256  # the journal, the swap file, the ring, metrics, logs
 MAX_INFLIGHT = 16  # requests of one connection awaiting their reply
 MAX_BURST = 64  # messages of one connection handled per wake-up
+SEND_TIMEOUT = 10.0  # seconds a reply may wait for room in a peer's queue
 
 
 _log_limit = LogLimit()
@@ -62,6 +69,7 @@ class Handlers:
     zap_done: Callable  # (client, seq, (bytes, ranges, errno))
     region: Callable  # async (pid, start, end, register)
     request: Callable  # async (req, pid, uid, privileged) -> reply dict
+    restore: Callable  # async (pid) -> pages put back; LookupError if not managed
 
 
 class ControlSocket:
@@ -150,6 +158,7 @@ class ControlSocket:
                 except OSError:
                     pass
                 conn.closed = True
+                conn.forget_peer()
                 sockets.linger(self.loop, s)
                 continue
             self.conns.add(conn)
@@ -193,13 +202,25 @@ class Connection:
             self.pid, self.uid, self.gid = proc.peer_credentials(sock)
         except OSError:
             self.pid = self.uid = self.gid = -1
+        self.pidfd = peer.pidfd(sock, self.pid)
         # may act on other pids than its own (reclaim, status of all)
         self.privileged = access.privileged(self.uid, control.server_uid)
+
+    def peer_gone(self) -> bool:
+        """Has the process that connected exited? Its pid may name another
+        process by now."""
+        return self.pidfd is None or peer.exited(self.pidfd)
+
+    def forget_peer(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)  # a pidfd's close never blocks
+            self.pidfd = None
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self.forget_peer()
         try:
             self.control.loop.remove_reader(self.sock.fileno())
         except Exception:
@@ -251,6 +272,12 @@ class Connection:
     def dispatch(self, data: bytes, fds: list[int]) -> list[int]:
         """Handle one message; returns the fds it did not keep."""
         mtype, seq = protocol.header(data)
+        if mtype != protocol.ZAP_DONE and self.peer_gone():
+            # SO_PEERCRED's pid may be another process's by now
+            self.send(protocol.pack_error(seq, errno.ESRCH,
+                                          f"pid {self.pid} that connected has exited"))
+            self.close()
+            return fds
         if mtype == protocol.HELLO:
             if self.kind is not None:
                 raise ProtocolError("HELLO twice")
@@ -309,6 +336,18 @@ class Connection:
             self.kind = "ctl"
             req = protocol.parse_ctl(data)
             self._spawn(self._ctl(seq, req))
+        elif mtype == protocol.RESTORE:
+            if fds:
+                raise ProtocolError("RESTORE with fds attached")
+            if len(data) != protocol.HDR.size:
+                raise ProtocolError(f"RESTORE of {len(data)} bytes")
+            if self.kind not in (None, "restore"):
+                raise ProtocolError(f"RESTORE on an {self.kind} connection")
+            if self.control.clients.by_pid(self.pid) is None:
+                # an agent's message, as ZAP_DONE is; the CLI's way is a CTL
+                raise ProtocolError(f"RESTORE from pid {self.pid}, which is not managed")
+            self.kind = "restore"
+            self._spawn(self._restore(seq))
         else:
             raise ProtocolError(f"unexpected message type {mtype}")
         return fds
@@ -332,11 +371,30 @@ class Connection:
         if not self.closed:
             self.send(reply)
 
+    async def _restore(self, seq: int) -> None:
+        """The program wants all its pages back (a core dump or a debugger
+        is coming): OK once they are, and it is no longer managed."""
+        try:
+            await self.handlers.restore(self.pid)
+            reply = protocol.pack(protocol.OK, seq)
+        except LookupError:
+            reply = protocol.pack(protocol.OK, seq)  # gone meanwhile: nothing to bring back
+        except Exception as e:
+            log.exception("pid %s: restore failed", self.pid)
+            reply = protocol.pack_error(seq, getattr(e, "errno", None) or errno.EIO, str(e))
+        if not self.closed:
+            self.send(reply)
+
     async def _ctl(self, seq: int, req: dict) -> None:
         try:
             reply = await self.handlers.request(req, self.pid, self.uid, self.privileged)
+            msgs = [protocol.pack_ctl(protocol.CTL_REPLY, seq, part)
+                    for part in replies.split(reply, protocol.MAX_MSG - protocol.HDR.size)]
         except Exception as e:  # a failed request must not take the server down
             log.exception("control request %r failed", req.get("cmd"))
-            reply = {"error": f"{type(e).__name__}: {e}"}
+            msgs = [protocol.pack_error(seq, errno.EIO, f"{type(e).__name__}: {e}")]
         if not self.closed:
-            self.send(protocol.pack_ctl(protocol.CTL_REPLY, seq, reply))
+            if not await peer.send_all(self.control.loop, self.sock, msgs, SEND_TIMEOUT):
+                log.warning("pid %s does not take its reply; dropping it", self.pid)
+                self.close()
+

@@ -19,6 +19,7 @@ import logging
 import os
 import resource
 import signal
+import time
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from ..core import journal, protocol
 from ..core.budgets import Budgets
 from ..core.pages import PAGE
 from ..core.swapin import MAX_READAHEAD
+from ..system import engine as eng
 from ..system import kernel, proc, procfs, uffd
 from ..system.ring import Ring
 from .budget_loop import BudgetLoop
@@ -45,6 +47,7 @@ log = logging.getLogger("uffdsrv")
 FAULT_BUFFERS = 256
 RECLAIM_BUFFERS = 2
 COMPACT_EVERY = 1.0  # seconds between two looks at the journal's size
+REAP_EVERY = 1.0  # seconds between two looks at forked children never identified
 
 
 class Server:
@@ -98,13 +101,13 @@ class Server:
         self.takeover = Takeover(self.journal, self.swap, self.clients, self._adopt,
                                  self.ring.harvest, self.reclaimer.settle)
         self.takeover.recover()
-        requests = Requests(self.clients, self.swap, self.reclaimer.reclaim)
+        requests = Requests(self.clients, self.swap, self.reclaimer.reclaim, self.restore_pid)
         self.status = requests.status
         self.control = ControlSocket(
             self.socket_path,
             Handlers(hello=self.attach_agent, agent_lost=self.agent_lost,
                      zap_done=self.zap_answered, region=self.regions.api_region,
-                     request=requests.handle),
+                     request=requests.handle, restore=self.restore_pid),
             self.clients, self.metrics, self.socket_mode, self.allow_uids, self.allow_gids)
         self.control.start(loop)
         if self.metrics_addr:
@@ -121,7 +124,7 @@ class Server:
         log.log(logging.WARNING if k.missing() else logging.INFO, "%s", k.missing_line())
         tasks = [asyncio.ensure_future(t) for t in (
             self.regions.rescan_forever(), BudgetLoop(self.clients, self.reclaimer.reclaim).run(),
-            self._compact_forever())]
+            self._compact_forever(), self._reap_forever())]
         try:
             await self.stopping.wait()
         finally:
@@ -169,6 +172,20 @@ class Server:
                     and not any(c.batches for c in self.clients.all())):
                 self.journal.rewrite(journal.snapshot(self.clients.journaled()))
 
+    async def _reap_forever(self) -> None:
+        """A forked child the server never identified (`_Fork()` and raw
+        clone skip the agent's atfork handler; a HELLO may fail) has no
+        pidfd to watch: its uffd tells when its mm is gone (ESRCH). Then
+        its client, and its references to the parent's slots, go."""
+        while True:
+            await asyncio.sleep(REAP_EVERY)
+            for c in self.clients.live():
+                if c.pid is None and time.monotonic() - c.born >= REAP_EVERY \
+                        and not mm_alive(c):
+                    log.info("an unidentified child of pid %s is gone; releasing it",
+                             c.parent_pid)
+                    self.release(c)
+
     # --- clients ----------------------------------------------------------------
     def _adopt(self, client: ManagedProcess) -> None:
         """Start serving a client: its uffd is read, its exit is watched."""
@@ -187,6 +204,8 @@ class Server:
         if fd is None or (back and known is not None):
             # a forked child (its uffd came with the parent's FORK event),
             # or an agent reconnecting to a server that already holds its uffd
+            if known is None and fd is None:
+                known = self._forked_child(pid)
             if known is None:
                 raise LookupError(f"no forked child with pid {pid} is known")
             client, kept = known, False
@@ -244,6 +263,7 @@ class Server:
         child.pages = parent.pages.fork(self.swap.slots)
         child.private, child.beacon = parent.private, parent.beacon
         child.auto_maps = parent.auto_maps
+        child.born = time.monotonic()
         child.cid = self.journal.new_cid()
         self.journal.add(journal.FORK, child.cid, child.cid, parent.cid)
         self._adopt(child)
@@ -253,13 +273,48 @@ class Server:
         """A forked child read its beacon page: its thread id names it."""
         if client.pid is not None:
             return
-        pid = procfs.tgid_of(tid)
-        if pid is None:
-            return
+        client.beacon_tid = tid
+        pid = self._child_pid(client, tid)
+        if pid is not None:
+            self.bind(client, pid)
+
+    def _child_pid(self, client: ManagedProcess, tid: int) -> int | None:
+        """Which process, in our pid namespace, is the child whose thread
+        `tid` (in the child's own namespace) faulted; None rather than a
+        guess. A child in our namespace (its parent's namespace and the
+        one its children get are ours) names itself: tid is ours. Else
+        the candidates are the parent's children whose own-namespace pid
+        is tid, and only one that no client holds is an answer: two
+        children in different namespaces may both be pid 2 there."""
+        parent = client.parent_pid
+        if parent is None:
+            return None
+        ours = procfs.pid_ns("self")
+        if ours is not None and procfs.pid_ns(parent) == ours \
+                and procfs.pid_ns(parent, for_children=True) == ours:
+            return procfs.tgid_of(tid)
+        known = {c.pid for c in self.clients.live()}
+        found = [p for p in procfs.children(parent)
+                 if p not in known and (procfs.nspid(p) or [None])[-1] == tid]
+        return found[0] if len(found) == 1 else None
+
+    def _forked_child(self, pid: int) -> ManagedProcess | None:
+        """A HELLO from a forked child no beacon named (yet): SO_PEERCRED's
+        pid is in our namespace. It is the one unidentified child of its
+        parent whose beacon was touched by its own-namespace pid."""
+        parent, own = procfs.ppid(pid), (procfs.nspid(pid) or [None])[-1]
+        found = [c for c in self.clients.live()
+                 if c.pid is None and c.parent_pid == parent and c.beacon_tid == own]
+        if len(found) != 1 or not self.bind(found[0], pid):
+            return None
+        return found[0]
+
+    def bind(self, client: ManagedProcess, pid: int) -> bool:
+        """The forked child's pid is known: watch its exit, journal it."""
         try:
             client.pidfd = proc.pidfd_open(pid)
         except OSError:
-            return
+            return False
         client.pid = pid
         client.starttime = procfs.starttime(pid) or 0
         self.journal.add(journal.BIND, client.cid, pid, client.starttime)
@@ -267,6 +322,23 @@ class Server:
         client.comm = procfs.comm(pid)
         self.loop.add_reader(client.pidfd, self.exited, client)
         log.info("pid %s is a child of %s", pid, client.parent_pid)
+        return True
+
+    async def restore_pid(self, pid: int) -> int:
+        """Every page of pid back, and it no longer managed (a debugger or a
+        core dump is coming: neither faults through a uffd). The client
+        stays, with nothing registered, so that its agent keeps its link
+        and no rescan takes the memory back. -> pages put back."""
+        client = self.clients.by_pid(pid)
+        if client is None:
+            raise LookupError(f"pid {pid} is not a managed process")
+        client.auto_maps, client.budget, client.restored = False, None, True
+        h = client.engine
+        first = int(h.counters[eng.C["restored"]]) if h is not None else 0
+        await self.regions.unmanage(client, 0, protocol.USER_TOP)
+        n = int(h.counters[eng.C["restored"]]) - first if h is not None else 0
+        log.info("pid %s: %d pages put back; it is no longer managed", pid, n)
+        return n
 
     def exited(self, client: ManagedProcess) -> None:
         log.info("pid %s exited", client.pid)
@@ -293,6 +365,18 @@ class Server:
     def _serve_held(self, client: ManagedProcess, addrs) -> None:
         self.faults.serve(client, addrs, np.zeros(len(addrs), np.int64),
                           np.zeros(len(addrs), np.int64))
+
+
+def mm_alive(client: ManagedProcess) -> bool:
+    """Does the client's mm still exist? Every uffd ioctl that acts takes
+    a reference on the mm first and fails with ESRCH once it is gone; an
+    un-protect of the beacon page changes nothing in a live child (the
+    page is never write-protected: ENOENT, or nothing to do)."""
+    try:
+        uffd.writeprotect(client.uffd, [client.beacon or 1 << 16], [PAGE], False)
+    except OSError as e:
+        return e.errno != errno.ESRCH
+    return True
 
 
 def raise_nofile() -> None:

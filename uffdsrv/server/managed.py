@@ -71,6 +71,9 @@ class ManagedProcess:
         self.agent_back = asyncio.Event()  # set while an agent is connected
         self.private: tuple[int, int] = (0, 0)
         self.beacon = 0
+        self.beacon_tid: int | None = None  # a forked child's tid at its beacon, in its pid ns
+        self.born = 0.0  # monotonic seconds: when a forked child's client was made
+        self.restored = False  # `restore` took every page back: no longer managed
         self.auto_maps = False
         self.batches: dict = {}
         self.engine = None  # its handle in the native fault engine
@@ -111,6 +114,7 @@ class ManagedProcess:
                 "readahead_pages_total": self.readahead_pages,
                 "readahead_misses_total": self.readahead_misses,
                 "budget_bytes": self.budget,
+                "restored": self.restored,
                 "agent": self.agent is not None}
 
     def close_fds(self) -> None:
