@@ -177,6 +177,64 @@ def test_a_stop_while_a_zap_waits_in_a_stopped_program_loses_nothing(need_kernel
             s.kill()
 
 
+def zapper(w: Workload) -> int:
+    """The pid of the agent's zap helper process, a child of the program."""
+    for c in children(w.pid):
+        try:
+            if Path(f"/proc/{c}/comm").read_text().strip() == "uffdsrv-zap":
+                return c
+        except OSError:
+            pass
+    pytest.skip("the agent's zapper is not a process of its own here")
+
+
+def test_a_write_before_a_late_zap_is_kept_across_a_restart(need_kernel, tmp_path):
+    """Only the agent's zapper is stopped; the program runs. A zap covering
+    pages that hold no slot (all zeros) is queued when the server stops; the
+    program then writes every page, and the next server takes it over. The
+    write must wait for the late zap (the journal's ZAP records hold those
+    pages with the batch), or the zap drops what was just written."""
+    s = Server(tmp_path).start()
+    w = Workload(s.socket, mib=16, threads=1)
+    n, helper = None, None
+    try:
+        wait_client(s, w.pid)
+        w.cmd("fill 1")
+        assert w.cmd("dontneed 0 1000") == "ok"  # the first pages the write reaches
+        assert w.verify() == (w.npages, 0)  # the zero pages are present again
+        wait_until(lambda: s.client(w.pid)["managed_bytes"] >= 16 * MIB)
+        helper = zapper(w)
+        os.kill(helper, signal.SIGSTOP)
+        t, _ = reclaim_in_background(s, w.pid)
+        wait_until(lambda: zap_sent(s), message="no zap went out")
+        assert s.stop() == 0, s.log_text()
+        assert f"pid {w.pid} did not answer its zap; left registered" in s.log_text()
+        t.join(30)
+        wr, out = background(lambda: w.cmd("write 2 1"))
+        n = Server(tmp_path).start()
+        wr.join(1.0)  # the writes to the batch's pages wait for its zap
+        os.kill(helper, signal.SIGCONT)
+        wr.join(60)
+        assert out.get("value") == "ok", out
+        assert w.verify() == (w.npages, 0)
+        wait_until(lambda: consistent(n, w), message=lambda: str(n.status()))
+    finally:
+        if helper is not None:
+            cont(helper)
+        w.close()
+        if n is not None:
+            n.stop()
+        elif s.poll() is None:
+            s.kill()
+
+
+def cont(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+
+
 def test_a_late_zap_answer_ends_the_request_and_settles_when_it_comes(need_kernel, tmp_path):
     """The program is paused while being reclaimed: the request ends after
     the zap timeout without counting pages it did not free, the client is
