@@ -100,6 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("which", choices=(*BENCHES, "budget", "all"))
     p.add_argument("--quick", action="store_true", help="small sizes: under a minute")
     p.add_argument("--json", metavar="FILE", help="also write the JSON here")
+    p.add_argument("--pool-share", type=float, default=budget.POOL_SHARE, metavar="F",
+                   help="budget: the share of the budget that uffdsrv-tiered gives its RAM "
+                        f"tier (default {budget.POOL_SHARE})")
     a = p.parse_args(argv)
     console = Console(stderr=True)
     if os.geteuid() != 0:
@@ -119,6 +122,10 @@ def main(argv=None) -> int:
         return 2
     plan = runs.Plan.make(a.quick)
     bplan = budget.Plan.make(a.quick)
+    if not 0 < a.pool_share < 1:
+        console.print("bench: --pool-share is a fraction of the budget, between 0 and 1")
+        return 2
+    bplan.pool_share = a.pool_share
     procs.install_signal_handlers()
     started = datetime.datetime.now(datetime.UTC)
     t0 = time.monotonic()

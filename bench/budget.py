@@ -42,12 +42,12 @@ from pathlib import Path
 from uffdsrv.core.pages import PAGE
 
 from . import kernel
-from .procs import BIN, MIB, PY, ROOT, STARTED, BenchError, Server, popen, stop
+from .procs import BIN, MIB, PY, ROOT, STARTED, BenchError, Server, cpu_seconds, popen, stop
 
 WORKLOADS = ("zipf", "redis")
 BUDGETS = (0.25, 0.5)
 METHODS = ("none", "kernel-swap", "kernel-zswap", "uffdsrv-disk", "uffdsrv-tiered")
-POOL_SHARE = 0.5  # of the budget, for the RAM tier's cap in uffdsrv-tiered
+POOL_SHARE = 0.25  # of the budget, for the RAM tier's cap in uffdsrv-tiered
 SEED = 42
 ZSWAP_COMPRESSOR = "lzo-rle"
 SKIPPED: list[str] = []
@@ -64,12 +64,13 @@ class Plan:
     redis_requests: int = 30_000
     redis_warmup: int = 6_000
     redis_clients: int = 8
+    pool_share: float = POOL_SHARE
 
     @classmethod
     def make(cls, quick: bool) -> "Plan":
         if quick:
-            return cls(zipf_mib=128, zipf_accesses=60_000, zipf_warmup=15_000, redis_mib=48,
-                       redis_requests=4_000, redis_warmup=1_000)
+            return cls(zipf_mib=128, zipf_accesses=20_000, zipf_warmup=6_000, redis_mib=48,
+                       redis_requests=2_000, redis_warmup=500)
         return cls()
 
 
@@ -180,16 +181,25 @@ def _workload(workload, bplan, tmp, step, tier_why):
                 yield _row(workload, frac, method, skipped=tier_why)
                 continue
             t0 = time.monotonic()
-            r = _uffdsrv(workload, frac, method, make, int(foot * frac), swap_bytes, tmp, none)
+            r = _uffdsrv(workload, frac, method, make, int(foot * frac), swap_bytes, tmp, none,
+                         bplan.pool_share)
             r["extra"]["row_seconds"] = round(time.monotonic() - t0, 1)
             yield r
 
 
-def _measure(p, fn):
-    """The warm-up, then the measured run while fn() is sampled."""
+def _measure(p, fn, server_pid=None):
+    """The warm-up, then the measured run while fn() is sampled; the CPU
+    time the program (and the server) spent on the measured run goes into
+    its extra: in the kernel rows the program's system time is where the
+    kernel reclaims and swaps in for it (a memcg limit reclaims in the
+    allocating task, not in kswapd)."""
     warm = p.warm()
+    c0 = cpu_seconds(p.pid), cpu_seconds(server_pid) if server_pid else 0.0
     with Sampler(fn) as s:
         done = p.run()
+    done["extra"]["program_cpu_s"] = round(cpu_seconds(p.pid) - c0[0], 3)
+    if server_pid:
+        done["extra"]["server_cpu_s"] = round(cpu_seconds(server_pid) - c0[1], 3)
     return warm, done, s
 
 
@@ -221,7 +231,10 @@ def _kernel(workload, frac, method, make, budget_bytes, none) -> dict:
             stack.enter_context(zs)
         p = stack.enter_context(make(cg.procs, None))
         t0 = time.perf_counter()
-        cg.limit(budget_bytes)
+        try:
+            cg.limit(budget_bytes)
+        except BenchError as e:  # the kernel could not reclaim the group to it
+            return _row(workload, frac, method, failed=str(e)[:300], budget_bytes=budget_bytes)
         limit_s = time.perf_counter() - t0
 
         def mem():
@@ -240,6 +253,7 @@ def _kernel(workload, frac, method, make, budget_bytes, none) -> dict:
         major = kernel.major_faults(p.pid) - m0
         st1 = cg.stat()
         zst = zs.stats() if zs else {}
+        zparams = zs.params() if zs else None
         ratio = (zst["stored_pages"] * PAGE / zst["pool_total_size"]
                  if zst.get("pool_total_size") else None)
     return _row(workload, frac, method, done["ops_per_s"], done["p99_us"], major, s.median(),
@@ -250,7 +264,8 @@ def _kernel(workload, frac, method, make, budget_bytes, none) -> dict:
                 memcg_pgmajfault=st1.get("pgmajfault", 0) - st0.get("pgmajfault", 0),
                 swap_used_before_bytes=swap_used0,
                 zswap={k: v for k, v in zst.items() if v} if zs else None,
-                zswap_compressor=ZSWAP_COMPRESSOR if zs else None, **done["extra"])
+                zswap_compressor=ZSWAP_COMPRESSOR if zs else None, zswap_params=zparams,
+                **done["extra"])
 
 
 def _swap_used() -> int:
@@ -259,9 +274,10 @@ def _swap_used() -> int:
                    if line.strip())
 
 
-def _uffdsrv(workload, frac, method, make, budget_bytes, swap_bytes, tmp, none) -> dict:
+def _uffdsrv(workload, frac, method, make, budget_bytes, swap_bytes, tmp, none,
+             share) -> dict:
     drop_caches()
-    pool = int(budget_bytes * POOL_SHARE) // PAGE * PAGE if method == "uffdsrv-tiered" else 0
+    pool = int(budget_bytes * share) // PAGE * PAGE if method == "uffdsrv-tiered" else 0
     srv = Server(tmp, swap_bytes)
     if pool:
         srv.harness.extra_args += ["--ram-tier", str(pool)]
@@ -289,7 +305,7 @@ def _uffdsrv(workload, frac, method, make, budget_bytes, swap_bytes, tmp, none) 
             st0 = srv.status()
             c0 = _client(st0, p.pid)
             m0 = kernel.major_faults(p.pid)
-            warm, done, s = _measure(p, mem)
+            warm, done, s = _measure(p, mem, srv.pid)
             m1 = kernel.major_faults(p.pid)
             st1 = srv.status()
             c1 = _client(st1, p.pid)
@@ -332,12 +348,14 @@ def _tier_delta(t0, t1):
 def _managed(srv, p, cg) -> dict:
     """Waits until the server manages the program's memory (it picks new
     mappings up on its rescan of /proc/PID/maps, once a second): managed
-    bytes at least p.data_bytes, and the same over two rescans."""
+    bytes at least p.data_bytes, and where p.settles, the same over two
+    rescans."""
     deadline = time.monotonic() + 30
     last = None
     while True:
         c = srv.client(p.pid)
-        if c["managed_bytes"] >= p.data_bytes and last == c["managed_bytes"]:
+        if c["managed_bytes"] >= p.data_bytes and (last == c["managed_bytes"]
+                                                   or not p.settles):
             return c
         if time.monotonic() > deadline:
             raise BenchError(f"pid {p.pid}: its memory was not managed in 30 s: {c} "
@@ -358,6 +376,16 @@ def _wrap(cmd, cgroup, socket):
 
 class _Program:
     proc: subprocess.Popen
+
+    @contextlib.contextmanager
+    def _closed_on_error(self):
+        """For the start-up: a `with` that never got the object cannot stop
+        it, and its memory cgroup cannot be removed while it runs."""
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
 
     def oom_killed(self) -> bool:
         return self.proc.poll() == -signal.SIGKILL
@@ -386,7 +414,9 @@ class ZipfLoad(_Program):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.pid = self.proc.pid
         self.data_bytes = mib * MIB
-        self._line("ready", None, 120)
+        self.settles = False  # one mapping, there from the start
+        with self._closed_on_error():
+            self._line("ready", None, 120)
 
     def _line(self, want, send, timeout=300):
         if send:
@@ -477,6 +507,10 @@ class RedisLoad(_Program):
         self.proc = popen(_wrap(cmd, cgroup, socket), stdin=subprocess.DEVNULL,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.pid = self.proc.pid
+        with self._closed_on_error():
+            self._start()
+
+    def _start(self) -> None:
         deadline = time.monotonic() + 30
         while self._cli("ping") != "PONG":
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -488,6 +522,7 @@ class RedisLoad(_Program):
         if r.returncode != 0 or "errors: 0," not in r.stdout:
             raise BenchError(f"redis-cli --pipe: {r.stdout[-300:]} {r.stderr[-300:]}")
         self.data_bytes = int(self.info()["used_memory"]) // 2
+        self.settles = True  # jemalloc's extents: wait until no new one is picked up
 
     def _cli(self, *args) -> str:
         r = subprocess.run(["redis-cli", "-s", self.sock, *args], capture_output=True,

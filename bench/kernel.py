@@ -302,6 +302,9 @@ class Zswap:
             raise BenchError(f"write {f} {value}: {e}") from None
 
     def __enter__(self):
+        if (ZSWAP / "enabled").read_text().strip() == "Y":
+            raise BenchError("zswap is already on: it is global, and the kernel-zswap rows "
+                             "need to own it (another benchmark running?)")
         procs.RESOURCES.append(self)
         if not (DEBUGFS / "zswap").exists():
             if not os.path.ismount(DEBUGFS):
@@ -324,6 +327,11 @@ class Zswap:
                 with contextlib.suppress(OSError, ValueError):
                     out[f.name] = int(f.read_text().split()[0])
         return out
+
+    @staticmethod
+    def params() -> dict[str, str]:
+        """Every zswap parameter as it is now."""
+        return {f.name: f.read_text().strip() for f in ZSWAP.iterdir()}
 
     def close(self) -> None:
         # off first, so nothing more is stored with a compressor being changed

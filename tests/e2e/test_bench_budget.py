@@ -25,6 +25,7 @@ METHODS = ("none", "kernel-swap", "kernel-zswap", "uffdsrv-disk", "uffdsrv-tiere
 KEYS = {"bench", "workload", "budget", "method", "ops_per_s", "p99_us", "major_faults",
         "memory_bytes", "compression_ratio", "extra"}
 MIB = 1 << 20
+TIMEOUT = 110  # seconds; the run itself prints how long it took
 
 
 def _swap_in_use() -> bool:
@@ -53,9 +54,17 @@ def results(tmp_path_factory):
     groups = set(os.listdir(MEMCG))
     zswap = _zswap()
     debugfs = os.path.ismount("/sys/kernel/debug")
-    r = subprocess.run([PY, "-m", "bench", "budget", "--quick", "--json", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=85)
-    assert r.returncode == 0, r.stderr[-4000:]
+    # ~40 s on a quiet machine. On a timeout the bench gets SIGTERM, not
+    # SIGKILL: it must swapoff, restore zswap and stop its programs itself.
+    p = subprocess.Popen([PY, "-m", "bench", "budget", "--quick", "--json", str(out)],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        err = p.communicate(timeout=TIMEOUT)[1]
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        err = p.communicate(timeout=60)[1]
+        pytest.fail(f"bench budget --quick took over {TIMEOUT} s: {err[-2000:]}")
+    assert p.returncode == 0, err[-4000:]
     assert not _swap_in_use(), "the benchmark left swap enabled"
     left = {g for g in set(os.listdir(MEMCG)) - groups if g.startswith("uffdsrv-bench-")}
     assert not left, f"the benchmark left memory cgroups behind: {left}"
@@ -96,8 +105,10 @@ def test_skips_and_failures_say_why(results):
             assert r["ops_per_s"] is None and isinstance(e["skipped"], str), r
             assert any(e["skipped"] in s for s in results["meta"]["skipped"]), r
         elif e.get("failed"):
-            # the one way a row may fail: the kernel's OOM killer at the limit
-            assert r["method"].startswith("kernel-") and "OOM" in e["failed"], r
+            # the ways a row may fail: the kernel's OOM killer at the limit,
+            # or a limit the kernel could not reclaim the group down to
+            assert r["method"].startswith("kernel-"), r
+            assert "OOM" in e["failed"] or "could not reclaim" in e["failed"], r
     if shutil.which("redis-server") and shutil.which("redis-benchmark"):
         assert not [r for r in results["rows"]
                     if r["workload"] == "redis" and r["extra"].get("skipped")]
