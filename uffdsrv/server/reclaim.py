@@ -9,13 +9,12 @@ ranges per process_madvise call. A write fault before the zap is sent
 cancels that page; after, it waits until the batch settles.
 
 While the zap request is out, the loop keeps reading the uffd: the agent's
-zapping thread blocks on every REMOVE until the server has read it.
-
-A ZAP cannot be taken back once sent, so a batch never gives its pages
-back while its zap may still run; an answer later than zaps.ZAP_TIMEOUT
-ends the request, and the batch settles when it comes (zaps.py). A page
-counts as reclaimed only once the zap dropped it. No batch goes on to its
-zap while the server is stopping or once the agent is gone.
+zapping thread blocks on every REMOVE until the server has read it. A ZAP
+cannot be taken back once sent: a batch never gives its pages back while
+its zap may still run; an answer later than zaps.ZAP_TIMEOUT ends the
+request, and the batch settles when it comes (zaps.py). A page counts as
+reclaimed only once the zap dropped it. No zap goes out while the server
+is stopping, once the agent is gone, or while its last is unanswered.
 """
 import asyncio
 import errno
@@ -175,9 +174,10 @@ class ReclaimPath:
             self.buffers.release(buf)
             buf = None
             live = b.inflight(pages)
-            if not len(live) or not self._may_go_on(client):
+            if not len(live) or not self._may_go_on(client) or client.recovering:
                 # a stopping server could not wait for the answer, and the
-                # agent must never run a zap nobody waits for
+                # agent must never run a zap nobody waits for; one that has
+                # not answered the last gets no more
                 return 0
             # zap across gaps of absent pages too: one REMOVE round trip per run
             r0, _ = pages.find(int(b.addrs[live[0]]))
