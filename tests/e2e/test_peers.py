@@ -206,3 +206,40 @@ def test_an_unidentified_fork_child_is_released_when_it_exits(server, tmp_path):
     wait_until(lambda: server.status()["swap"]["used_bytes"] == 0, 10,
                lambda: f"slots pinned after every process exited: {server.status()}")
     assert "an unidentified child of pid" in server.log_text()
+
+
+OWN_UFFD = textwrap.dedent("""
+    import ctypes, mmap, os, sys, time
+    sys.path.insert(0, sys.argv[1])
+    from uffdsrv.system import uffd
+    buf = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    fd = uffd.open_uffd()
+    uffd.api(fd, 0)
+    uffd.register(fd, addr, 4 << 20, uffd.REGISTER_MODE_MISSING)  # its own, not ours
+    print("ready", os.getpid(), hex(addr), flush=True)
+    sys.stdin.readline()
+""")
+
+
+@pytest.mark.xfail(strict=True, reason="needs regions.py (not this test's owner's): "
+                   "Regions.manage must not warn about EBUSY on every rescan")
+def test_a_program_with_its_own_userfaultfd_is_not_a_warning_every_second(server, tmp_path):
+    """Its mapping is registered with its own uffd, so ours gets EBUSY on
+    every rescan (once a second): one line says so, not one a second."""
+    prog = tmp_path / "own.py"
+    prog.write_text(OWN_UFFD)
+    proc = subprocess.Popen([PY, "-m", "uffdsrv", "run", "--socket", server.socket, "--", PY,
+                             str(prog), str(ROOT)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        ready = proc.stdout.readline().split()
+        assert ready[:1] == ["ready"], ready
+        wait_client(server, int(ready[1]))
+        time.sleep(4.5)  # four rescans or more
+        lines = [ln for ln in server.log_text().splitlines()
+                 if ready[2][2:] in ln and "WARNING" in ln]
+        assert 1 <= len(lines) <= 2, lines
+    finally:
+        proc.stdin.close()
+        proc.wait(10)

@@ -45,7 +45,7 @@ log = logging.getLogger("uffdsrv.control")
 # (FUSE FLUSH, a lingering socket), so take them all and close them elsewhere
 SCM_MAX_FD = 253
 MAX_CONNS = 4096  # connections at once (unprivileged peers); more are refused
-FDS_PER_CLIENT = 3  # an agent's socket, its uffd, its pidfd
+FDS_PER_CLIENT = 4  # an agent's socket and its pidfd, its uffd and the client's pidfd
 FD_RESERVE = 256  # the journal, the swap file, the ring, metrics, logs
 MAX_INFLIGHT = 16  # requests of one connection awaiting their reply
 MAX_BURST = 64  # messages of one connection handled per wake-up
