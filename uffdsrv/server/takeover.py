@@ -113,11 +113,11 @@ class Takeover:
         """The agent is back: no zap of the dead server is still running,
         and the REMOVEs it raised were read before it could finish."""
         self.harvest()
-        # a batch whose answer is still awaited on a link that is still up
-        # waits for that answer (reclaim's _late), not for this HELLO
-        waiting = [b for b in client.recovering if b.answer is not None and not b.answer.done()]
         for b in client.recovering:
-            if b not in waiting:
-                self.settle_batch(client, b, b.addrs.copy(), b.addrs.copy())
-        client.recovering = waiting
+            if b.answer is not None:
+                # awaited on the agent's old connection (reclaim's _late):
+                # an agent says HELLO again only once that one is over
+                b.answer.cancel()
+            self.settle_batch(client, b, b.addrs.copy(), b.addrs.copy())
+        client.recovering = []
         self.journal.flush()
