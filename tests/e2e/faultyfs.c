@@ -23,9 +23,10 @@
  * A request that overlaps a failing range fails whole, with nothing
  * transferred, as a bio does when its sectors cannot be read. The kernel
  * cuts a large read or write into requests of at most max_read/max_write
- * bytes (128 KiB by default) and returns what the requests before the
- * failing one moved: a large write that crosses a bad range comes back
- * short, a small one fails with EIO.
+ * bytes (1 MiB here: libfuse asks for 256 pages). A synchronous read(2)
+ * or write(2) sends them one after another and returns what the requests
+ * before the failing one moved (short); an asynchronous one (io_uring on
+ * an O_DIRECT file) sends them all at once and fails whole with EIO.
  *
  * Every file is opened direct_io (FOPEN_DIRECT_IO): the kernel keeps no
  * page cache of it, so every read and write of the program reaches us,
