@@ -51,7 +51,6 @@ MAX_INFLIGHT = 16  # requests of one connection awaiting their reply
 MAX_BURST = 64  # messages of one connection handled per wake-up
 SEND_TIMEOUT = 10.0  # seconds a reply may wait for room in a peer's queue
 
-
 _log_limit = LogLimit()
 
 
@@ -366,14 +365,15 @@ class Connection:
         try:
             await self.handlers.region(self.pid, start, end, register)
             reply = protocol.pack(protocol.OK, seq)
-        except (LookupError, OSError, ValueError) as e:
+        except Exception as e:  # a refusal, or a bug of ours: either way an answer
+            if not isinstance(e, (LookupError, OSError, ValueError)):
+                log.exception("pid %s: region request failed", self.pid)
             reply = protocol.pack_error(seq, getattr(e, "errno", None) or errno.EINVAL, str(e))
         if not self.closed:
             self.send(reply)
 
     async def _restore(self, seq: int) -> None:
-        """The program wants all its pages back (a core dump or a debugger
-        is coming): OK once they are, and it is no longer managed."""
+        """A core dump or a debugger is coming: OK once every page is back."""
         try:
             await self.handlers.restore(self.pid)
             reply = protocol.pack(protocol.OK, seq)
@@ -395,6 +395,6 @@ class Connection:
             msgs = [protocol.pack_error(seq, errno.EIO, f"{type(e).__name__}: {e}")]
         if not self.closed:
             if not await peer.send_all(self.control.loop, self.sock, msgs, SEND_TIMEOUT):
-                log.warning("pid %s does not take its reply; dropping it", self.pid)
+                log.debug("pid %s hung up or took no reply for %s s", self.pid, SEND_TIMEOUT)
                 self.close()
 
