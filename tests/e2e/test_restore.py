@@ -9,13 +9,14 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
 
 from uffdsrv.core import protocol as p
 
-from ..conftest import PY, ROOT, uffdsrv, wait_client
+from ..conftest import PY, ROOT, Server, Workload, uffdsrv, wait_client
 
 PAGE = 4096
 MIB = 1 << 20
@@ -165,6 +166,28 @@ def test_restore_message_from_a_process_not_managed_is_a_protocol_error(server):
         assert p.header(reply)[0] == p.ERROR and p.parse_error(reply)[0] == errno.EPROTO
         assert s.recv(p.MAX_MSG) == b""  # and the connection is closed
         s.close()
+
+
+def test_a_restored_program_stays_unmanaged_across_a_crash_and_takeover(need_kernel,
+                                                                         tmp_path):
+    s = Server(tmp_path).start()
+    w = Workload(s.socket, mib=8, threads=1)
+    try:
+        wait_client(s, w.pid)
+        assert w.cmd("fill 1") == "ok"
+        assert s.reclaim(w.pid) >= 7 * MIB
+        uffdsrv("restore", "--socket", s.socket, "--pid", str(w.pid))
+        s.kill()
+        s = Server(tmp_path).start()
+        wait_client(s, w.pid)
+        time.sleep(2.5)  # two rescans: a program still taken for auto-maps is managed again
+        c = s.client(w.pid)
+        assert c["managed_bytes"] == 0 and c["swapped_bytes"] == 0, c
+        assert w.verify() == (w.npages, 0)
+        read_mem(w.pid, w.addr, w.npages * PAGE)  # no hole anywhere
+    finally:
+        w.close()
+        s.stop()
 
 
 if __name__ == "__main__":

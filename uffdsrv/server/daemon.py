@@ -279,13 +279,11 @@ class Server:
             self.bind(client, pid)
 
     def _child_pid(self, client: ManagedProcess, tid: int) -> int | None:
-        """Which process, in our pid namespace, is the child whose thread
-        `tid` (in the child's own namespace) faulted; None rather than a
-        guess. A child in our namespace (its parent's namespace and the
-        one its children get are ours) names itself: tid is ours. Else
-        the candidates are the parent's children whose own-namespace pid
-        is tid, and only one that no client holds is an answer: two
-        children in different namespaces may both be pid 2 there."""
+        """Our pid of the child whose thread `tid` (in its own pid ns)
+        faulted, or None rather than a guess. If the parent's ns and its
+        children's are ours, tid is ours. Else: the one child of the
+        parent, no client yet, whose own-ns pid is tid (two children in
+        different namespaces may both be pid 2 there: no answer)."""
         parent = client.parent_pid
         if parent is None:
             return None
@@ -337,6 +335,9 @@ class Server:
         first = int(h.counters[eng.C["restored"]]) if h is not None else 0
         await self.regions.unmanage(client, 0, protocol.USER_TOP)
         n = int(h.counters[eng.C["restored"]]) - first if h is not None else 0
+        if not any(c.batches for c in self.clients.all()):
+            # else a crash's next server manages it again (its CLIENT flags)
+            self.journal.rewrite(journal.snapshot(self.clients.journaled()))
         log.info("pid %s: %d pages put back; it is no longer managed", pid, n)
         return n
 
