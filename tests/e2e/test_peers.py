@@ -1,8 +1,8 @@
 """The daemon under many and careless peers.
 
-* 300 managed-looking peers (forked children of the test, each with its
-  own uffd and beacon, saying HELLO as an agent does): `uffdsrv status`
-  must list them all, though the reply is larger than one message.
+* 300 small managed programs (the workload, 1 MiB, the agent preloaded):
+  `uffdsrv status` must list them all, though the reply is larger than
+  one message.
 * A kept control socket whose process exited must not act on the process
   that gets its pid next (the pid is made to be reused at once through
   /proc/sys/kernel/ns_last_pid).
@@ -20,50 +20,32 @@ import time
 
 import pytest
 
+from uffdsrv.cli import AGENT
 from uffdsrv.core import protocol as p
-from uffdsrv.system import uffd
 
-from ..conftest import PY, ROOT, Workload, uffdsrv, wait_client
+from ..conftest import PY, ROOT, WORKLOAD, Workload, uffdsrv, wait_client
 from ..support import wait_until
-from .test_hostile import hello, mmap_pages
 
 PAGE = 4096
 MIB = 1 << 20
 
 
-def fake_agent(path: str, release: int, keep: int) -> int:
-    """Fork a child that says HELLO as an agent (its own uffd, a beacon page
-    it never touches) and waits until `release` (a pipe whose write end,
-    `keep`, only the test holds) closes."""
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:  # pragma: no cover - child
-        os.close(keep)
-        beacon = mmap_pages(1)
-        fd = uffd.open_uffd()
-        uffd.api(fd, uffd.REQUIRED_FEATURES)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        s.settimeout(30)
-        s.connect(path)
-        s.sendmsg([hello(beacon=beacon)],
-                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
-        if p.header(s.recv(p.MAX_MSG))[0] == p.HELLO_OK:
-            code = 0
-            os.read(release, 1)  # until the test closes its end
-    finally:
-        os._exit(code)
+def small_managed(path: str, n: int) -> list[subprocess.Popen]:
+    """n real managed processes, each as small as can be: the workload with
+    1 MiB it never touches, one thread, the agent preloaded (no Python in
+    between); each exits when its stdin closes."""
+    env = dict(os.environ, UFFDSRV_SOCKET=path, LD_PRELOAD=AGENT)
+    return [subprocess.Popen([str(WORKLOAD), "--mib", "1", "--threads", "1"], env=env,
+                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+            for _ in range(n)]
 
 
 def test_status_of_300_clients_is_complete(server):
-    r, w = os.pipe()
     kids = []
     try:
-        for _ in range(300):
-            kids.append(fake_agent(server.socket, r, w))
-        want = set(kids)
-        wait_until(lambda: want <= {c["pid"] for c in server.status()["clients"]}, 60,
+        kids = small_managed(server.socket, 300)
+        want = {k.pid for k in kids}
+        wait_until(lambda: want <= {c["pid"] for c in server.status()["clients"]}, 90,
                    lambda: f"not all 300 connected: {server.log_text()[-2000:]}")
         t = time.monotonic()
         out = uffdsrv("status", "--socket", server.socket, "--json", timeout=60)
@@ -74,15 +56,19 @@ def test_status_of_300_clients_is_complete(server):
         assert took < 20, f"status took {took:.1f} s"
         # the table too, and one program's detail alone
         table = uffdsrv("status", "--socket", server.socket, timeout=60).stdout
-        assert all(f"{k:>8} " in table for k in kids)
+        assert all(f"{k:>8} " in table for k in want)
         one = json.loads(uffdsrv("status", "--socket", server.socket, "--json", "--pid",
-                                 str(kids[7])).stdout)
-        assert [c["pid"] for c in one["clients"]] == [kids[7]]
+                                 str(kids[7].pid)).stdout)
+        assert [c["pid"] for c in one["clients"]] == [kids[7].pid]
     finally:
-        os.close(w)
         for k in kids:
-            os.waitpid(k, 0)
-        os.close(r)
+            k.stdin.close()
+        for k in kids:
+            try:
+                k.wait(20)
+            except subprocess.TimeoutExpired:
+                k.kill()
+                k.wait()
     wait_until(lambda: not server.status()["clients"], 30, "the 300 clients never left")
 
 
