@@ -13,9 +13,11 @@ import array
 import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import textwrap
+import threading
 import time
 
 import pytest
@@ -105,12 +107,25 @@ def workload_on_pid(path: str, pid: int) -> Workload | None:
     return None
 
 
-def test_a_kept_socket_of_a_dead_peer_cannot_act_on_its_pid_reused(server):
+@pytest.mark.parametrize("accepted", ["while the peer lives", "after its pid is reused"])
+def test_a_kept_socket_of_a_dead_peer_cannot_act_on_its_pid_reused(server, accepted):
+    """The server accepts the dead peer's connection while it lives, or
+    (the server stopped meanwhile) only once another process has its pid:
+    then no pidfd may be taken by the number."""
     if not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK):
         pytest.skip("cannot choose the next pid (/proc/sys/kernel/ns_last_pid)")
+    late = accepted.startswith("after")
     for _ in range(20):
-        s, dead = kept_socket(server.socket)
-        w = workload_on_pid(server.socket, dead)
+        if late:
+            os.kill(server.pid, signal.SIGSTOP)  # connections wait in the backlog
+        try:
+            s, dead = kept_socket(server.socket)
+            if late:  # once the workload has forked; its HELLO queues behind
+                threading.Timer(1.0, os.kill, (server.pid, signal.SIGCONT)).start()
+            w = workload_on_pid(server.socket, dead)
+        finally:
+            if late:
+                os.kill(server.pid, signal.SIGCONT)
         if w is not None:
             break
         s.close()

@@ -16,6 +16,7 @@ peer's queue is full it fails with EAGAIN and sends nothing, so a reply
 in several messages waits for room between them.
 """
 import asyncio
+import errno
 import select
 import socket
 
@@ -28,8 +29,12 @@ def pidfd(sock: socket.socket, pid: int) -> int | None:
     """A pidfd of the process that connected, or None if it is gone."""
     try:
         return sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
-    except OSError:  # ENOPROTOOPT before 6.5; ESRCH once the peer is reaped
-        pass
+    except OSError as e:
+        if e.errno != errno.ENOPROTOOPT:
+            # the peer is reaped: 6.18 still hands a pidfd (it polls as
+            # exited), earlier kernels refuse; its number may be another
+            # process's by now, so never pidfd_open it
+            return None
     if pid <= 0:
         return None
     try:
