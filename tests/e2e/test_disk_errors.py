@@ -37,6 +37,7 @@ from .test_observability import free_port
 MIB = 1 << 20
 SOURCE = Path(__file__).with_name("faultyfs.c")
 SWAP_READ_TRIES = 3  # server/faults.py: reads of an unreadable slot before SIGBUS
+BOTH_MODES = pytest.mark.parametrize("faulty", ["direct", "cached"], indirect=True)
 
 
 @pytest.fixture(scope="session")
@@ -130,11 +131,12 @@ class FaultyFS:
         self.backing.unlink(missing_ok=True)  # its blocks are allocated: not kept with tmp dirs
 
 
-@pytest.fixture(params=["direct", "cached"])
+@pytest.fixture
 def faulty(need_kernel, faultyfs_bin, tmp_path, request):
-    """Each test runs on a disk that takes O_DIRECT, and on one that does
-    not (the server's fallback mode, through the page cache)."""
-    fs = FaultyFS(faultyfs_bin, tmp_path, cached=request.param == "cached")
+    """A disk that takes O_DIRECT; BOTH_MODES runs a test on one that does
+    not too (the server's fallback mode, through the page cache)."""
+    mode = getattr(request, "param", "direct")
+    fs = FaultyFS(faultyfs_bin, tmp_path, cached=mode == "cached")
     try:
         fs.wait_mounted()
         yield fs
@@ -214,6 +216,7 @@ def stopped(s: Server, timeout: float = 60) -> str:
     return log
 
 
+@BOTH_MODES
 def test_failing_writes_cancel_the_batch_and_lose_nothing(faulty, tmp_path):
     s, port = start_server(tmp_path, faulty)
     w = None
@@ -245,6 +248,7 @@ def test_failing_writes_cancel_the_batch_and_lose_nothing(faulty, tmp_path):
     assert f"reclaim batch of pid {w.pid} failed" in log, log
 
 
+@BOTH_MODES
 def test_a_write_failing_mid_run_reclaims_all_of_the_batch_or_none(faulty, tmp_path):
     """The kernel cuts a batch's 8 MiB write into FUSE requests of 1 MiB;
     here the second one fails, once. A write(2) then returns short (what
@@ -298,7 +302,8 @@ def test_one_failed_batch_keeps_its_pages_and_the_others_go(faulty, tmp_path):
         stopped(s)
 
 
-@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("threads,faulty", [(1, "direct"), (1, "cached"), (4, "direct")],
+                         indirect=["faulty"])
 def test_unreadable_pages_end_in_sigbus_and_other_clients_go_on(faulty, tmp_path, threads):
     """Every slot of one program is unreadable; with 4 threads, each
     faults on its own bad page at once."""
@@ -411,6 +416,7 @@ def test_one_bad_slot_fails_only_its_own_page(faulty, tmp_path):
         stopped(s)
 
 
+@BOTH_MODES
 def test_a_bad_first_slot_does_not_stop_a_restart_taking_over(faulty, tmp_path):
     """The server is killed; when the next one starts, the swap file's
     first slot cannot be read. The new server must still take the programs
