@@ -69,7 +69,7 @@ class Plan:
     @classmethod
     def make(cls, quick: bool) -> "Plan":
         if quick:
-            return cls(zipf_mib=128, zipf_accesses=20_000, zipf_warmup=6_000, redis_mib=48,
+            return cls(zipf_mib=128, zipf_accesses=20_000, zipf_warmup=6_000, redis_mib=32,
                        redis_requests=2_000, redis_warmup=500)
         return cls()
 
