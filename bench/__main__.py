@@ -61,9 +61,12 @@ to it; zswap (compressor lzo-rle) on cgroup v1 does not charge its pool to the g
 so kernel-zswap holds the budget plus its pool and its memory_bytes adds
 pool_total_size to the group's usage. The uffdsrv rows limit the managed memory to
 the budget minus what the program has outside managed mappings minus the RAM
-tier's cap (half the budget in uffdsrv-tiered): program budget + pool cap = the
-budget; their memory_bytes is program RSS + server RSS (the server's includes its
-pool and its Python interpreter, given alone as server_rss_idle_bytes). The
+tier's cap (a quarter of the budget in uffdsrv-tiered, `--pool-share`): program
+budget + pool cap = the budget; their memory_bytes is program RSS (file pages
+included) + server RSS (its pool, its Python interpreter and its 64 MiB registered
+I/O arena; the idle server alone is server_rss_idle_bytes). The kernel-zswap rows
+were OOM-killed at a 16 MiB limit (2 of 4 tries), so the quick run keeps 128 MiB;
+such a row is reported as failed, not dropped. The
 server enforces a budget after the fact (every 50 ms), the kernel at every
 allocation. The page cache is dropped before each row (each program's own file
 pages are charged to its group alike). redis-benchmark draws keys uniformly and
