@@ -71,13 +71,15 @@ class Regions:
     async def rescan_forever(self, interval: float = 1.0) -> None:
         """Programs map new memory as they run: manage it as it appears.
         One client's failure is logged and costs that client's rescan only;
-        the task itself never ends."""
+        the task itself never ends. It holds the client's reclaim lock: no
+        batch may take pages of a range it is letting go."""
         while True:
             await asyncio.sleep(interval)
             for c in self.clients.all():
                 if not c.reclaim_lock.locked():
                     try:
-                        await self.rescan(c)
+                        async with c.reclaim_lock:
+                            await self.rescan(c)
                     except Exception:
                         log.exception("pid %s: rescan of its mappings failed", c.pid)
 
