@@ -371,7 +371,7 @@ def test_exec_ends_the_old_helper_and_the_new_image_is_managed(srv):
     assert prog.pid == pid
     # no process is left with the old mm: the new image's agent ended the
     # old helper and reaped it (not even a zombie is left)
-    wait_until(lambda: all(procfs.ppid_of(h) != pid for h in old), 5,
+    wait_until(lambda: all(procfs.ppid(h) != pid for h in old), 5,
                lambda: f"old helper {old} still a child of {pid}")
     new = zap_helpers(pid)
     assert len(new) == 1 and new != old, (old, new)

@@ -33,7 +33,7 @@ def hello_pid(peer_pid: int, hello: dict) -> int:
     program it serves (its parent, sharing its mm)."""
     if not hello["flags"] & protocol.HELLO_HELPER:
         return peer_pid
-    parent = procfs.ppid_of(peer_pid) if peer_pid > 0 else None
+    parent = procfs.ppid(peer_pid) if peer_pid > 0 else None
     if not parent or parent <= 1 or not procfs.same_vm(peer_pid, parent):
         raise Refused(errno.EPERM, f"pid {peer_pid} says HELLO as a zap helper but shares "
                                    f"no mm with its parent {parent}")

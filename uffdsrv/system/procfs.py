@@ -82,13 +82,6 @@ def uffd_fds(pid: int) -> list[int] | None:
     return sorted(int(n) for n in names if is_uffd(int(n), pid))
 
 
-def ppid_of(pid: int) -> int | None:
-    for line in (_read(f"/proc/{pid}/status") or "").splitlines():
-        if line.startswith("PPid:"):
-            return int(line.split()[1])
-    return None
-
-
 _SYS_KCMP = 312  # x86-64
 _KCMP_VM = 1
 _libc = None
@@ -112,7 +105,11 @@ def helpers(pid: int) -> list[int]:
     except OSError:
         return kids
     for tid in tids:
-        kids.extend(int(k) for k in (_read(f"/proc/{pid}/task/{tid}/children") or "").split())
+        text = _read(f"/proc/{pid}/task/{tid}/children")
+        if text is None:  # no CONFIG_PROC_CHILDREN: scan /proc
+            kids = children(pid)
+            break
+        kids.extend(int(k) for k in text.split())
     return [k for k in sorted(set(kids)) if same_vm(pid, k)]
 
 
