@@ -223,8 +223,6 @@ OWN_UFFD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="needs regions.py (not this test's owner's): "
-                   "Regions.manage must not warn about EBUSY on every rescan")
 def test_a_program_with_its_own_userfaultfd_is_not_a_warning_every_second(server, tmp_path):
     """Its mapping is registered with its own uffd, so ours gets EBUSY on
     every rescan (once a second): one line says so, not one a second."""
