@@ -41,7 +41,7 @@ from .regions import Regions
 from .requests import Requests
 from .swap import Pool, SwapError, SwapFile
 from .takeover import Takeover
-from .zaps import must_stay, wait_for_zaps, zap_outstanding
+from .zaps import must_stay, put_back, wait_for_zaps, zap_outstanding
 
 log = logging.getLogger("uffdsrv")
 FAULT_BUFFERS = 256
@@ -146,7 +146,7 @@ class Server:
         for c in self.clients.live():
             try:
                 if not zap_outstanding(c):
-                    restored += await self.faults.restore(c)
+                    restored += await put_back(self.faults.restore, c)
                 why = None if c.closed else must_stay(c)
                 if why is not None:
                     log.warning("pid %s %s; left registered for the next server", c.pid, why)

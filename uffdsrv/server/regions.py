@@ -88,7 +88,12 @@ class Regions:
             uffd.register(client.uffd, start, end - start, REGISTER_MODE)
             present = proc.pagemap_present(client.pid, start, (end - start) // PAGE)
         except OSError as e:
-            if e.errno not in (errno.ENOMEM, errno.EINVAL, errno.ESRCH, errno.ENOENT):
+            # tried again at every rescan, said once: EBUSY is a program
+            # with a userfaultfd of its own on that range, for as long as
+            # it keeps it
+            if e.errno not in (errno.ENOMEM, errno.EINVAL, errno.ESRCH, errno.ENOENT) \
+                    and (start, end) not in client.skipped:
+                client.skipped.add((start, end))
                 log.warning("pid %s: cannot manage %#x-%#x: %s", client.pid, start, end, e)
             return
         client.pages.add(start, end, present, now_ms())

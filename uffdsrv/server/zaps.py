@@ -127,3 +127,22 @@ async def wait_for_zaps(clients, timeout: float = 5.0) -> None:
     deadline = loop.time() + timeout
     while loop.time() < deadline and any(zap_outstanding(c) for c in clients.live()):
         await asyncio.sleep(0.01)
+
+
+async def put_back(restore, client: ManagedProcess, stall: float = 2.0) -> int:
+    """At a stop: restore(client) (the fault path's), given up once no page
+    came back for `stall` seconds (a disk that fails every read: the fault
+    path tries each again). What is left stays swapped: must_stay() then
+    keeps the program registered for the next server. -> pages put back."""
+    task = asyncio.ensure_future(restore(client))
+    last = None
+    while not task.done():
+        await asyncio.wait([task], timeout=stall)
+        left = client.pages.count(SWAPPED) + client.pages.count(LOADING)
+        if not task.done() and left == last:
+            task.cancel()
+            log.error("pid %s: %d pages did not come back in %g s; giving up on them",
+                      client.pid, left, stall)
+            return 0
+        last = left
+    return task.result()
