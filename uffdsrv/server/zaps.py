@@ -19,6 +19,10 @@ own DONTNEED, which would make the pages zeros). It gives back what other
 clients need (the staging buffer went back after the write; the request,
 and the client's reclaim lock, end at ZAP_TIMEOUT) and waits in
 `client.recovering`, where the client's next HELLO also finds it.
+
+A graceful stop (daemon.shutdown) leans on the same facts: it waits for
+the zaps sent, puts pages back while they come, and leaves registered
+what it cannot let go safely (must_stay), for the next server.
 """
 import asyncio
 import errno
