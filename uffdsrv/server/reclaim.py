@@ -214,7 +214,7 @@ class ReclaimPath:
                 asyncio.ensure_future(self._late(client, b, live, zstarts, zlens, zapped,
                                                  covered, t0))
                 return 0
-            self._zapped(zstarts, t_zap)
+            zaps.zapped(self.metrics, zstarts, t_zap)
             want = await zaps.removes_read(self.ring, client, b, live, results, zstarts, zlens,
                                            self.metrics)
             settled = want is not None
@@ -282,7 +282,7 @@ class ReclaimPath:
             return
         if client.closed or b not in client.recovering:
             return
-        self._zapped(zstarts, t0)
+        zaps.zapped(self.metrics, zstarts, t0)
         want = await zaps.removes_read(self.ring, client, b, live, results, zstarts, zlens,
                                        self.metrics)
         if want is None or client.closed or b not in client.recovering:
@@ -294,11 +294,6 @@ class ReclaimPath:
                  time.monotonic() - t0, n)
         if n:
             self.metrics.reclaimed(n, time.monotonic() - t0)
-
-    def _zapped(self, zstarts, t_zap: float) -> None:
-        self.metrics.zapped(len(zstarts), [len(zstarts[i:i + 1024])
-                                           for i in range(0, len(zstarts), 1024)],
-                            time.monotonic() - t_zap)
 
     def settle(self, client: ManagedProcess, b: Batch, zapped, covered) -> None:
         """The batch is over: journal what did not end swapped, mark its
