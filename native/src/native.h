@@ -140,13 +140,15 @@ struct ufs_tier *ufs_tier_new(uint64_t cap_bytes, uint64_t nslots, int codec, ui
                               int *err);
 void ufs_tier_free(struct ufs_tier *t);
 /* n pages: page i at buf + pos[i]*4096, under slots[i]; old entries of those
- * slots go first, the oldest entries as needed. Returns how many were stored. */
+ * slots go first, the oldest entries as needed. Returns how many were stored.
+ * Thread-safe against lookups, drops and sweeps (it compresses unlocked);
+ * a slot dropped while its page is being compressed gets no entry. */
 int64_t ufs_tier_store(struct ufs_tier *t, const void *buf, const int64_t *pos,
                        const int64_t *slots, int64_t n);
 void ufs_tier_drop(struct ufs_tier *t, const int64_t *slots, int64_t n);
 /* 1: the page of slot was decompressed into dst (4096 bytes); 0: not in the pool */
 int ufs_tier_load(struct ufs_tier *t, int64_t slot, void *dst);
-void ufs_tier_stats(const struct ufs_tier *t, struct ufs_tier_stats *out);
+void ufs_tier_stats(struct ufs_tier *t, struct ufs_tier_stats *out);
 /* Drop the entries of every slot whose count (refs, numpy's) is 0: for the
  * slots Python freed without a drop. Returns how many went. */
 int64_t ufs_tier_sweep(struct ufs_tier *t, const uint16_t *refs, uint64_t nrefs);

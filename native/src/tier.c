@@ -30,12 +30,30 @@
  * whole (every entry is written at start), and of the chunk array the
  * pages up to the highest chunk ever used (a large calloc is fresh
  * anonymous memory, touched only as chunks come into use). It stays below
- * the cap: the index, counted whole, comes off the cap first. Called on
- * the event loop's thread only, like the engine. */
+ * the cap: the index, counted whole, comes off the cap first.
+ *
+ * Threads: the engine looks pages up on the event loop's thread while
+ * store() runs in a worker (lz4 of a 4096-page batch is ~25 ms, and the
+ * faults that would wait behind it on the loop are the tier's whole
+ * point). One mutex guards the index and the arena; store() compresses
+ * each page into a buffer of its own outside it and takes it only to
+ * insert, so a lookup waits for at most one insert, never a compression.
+ * The correctness rule under that race: a fault can free slot S (and drop
+ * it, finding nothing yet) while S's page is being compressed, and the
+ * late insert would then leave an entry for a freed slot, which the
+ * slot's next owner would read. So the pool keeps a clock, ticked by every
+ * store() as it starts and by every drop; a drop stamps its slots with
+ * its tick, and a store inserts a page only if its slot's stamp is not
+ * newer than the store's own tick (then stamps it with that tick): a drop
+ * any time after store() was called wins, and so does a newer store. The
+ * stamps are 32 bits compared by signed difference, so a stamp ~2^31
+ * ticks old can only make a store skip a page (the disk has it). zstd's context is one
+ * per pool and is not thread-safe: its compressions take a second mutex. */
 #define _GNU_SOURCE
 #include "native.h"
 #include <errno.h>
 #include <lz4.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -52,6 +70,7 @@ enum { E_NONE, E_DATA, E_SAME };
 struct entry {
     uint64_t val;         /* E_SAME: the word; E_DATA: chunk << 16 | object */
     uint32_t prev, next;  /* the FIFO, by slot */
+    uint32_t gen;         /* the clock's tick at the slot's last drop (see Threads) */
     uint16_t len;
     uint8_t kind, cls;
 };
@@ -75,14 +94,19 @@ struct ufs_tier {
     struct chunk *ch;
     uint32_t free_chunks, fresh; /* chunks given back; first never used */
     uint32_t head, tail;         /* FIFO: oldest, newest */
+    uint32_t clock;              /* ticks at each store and each drop */
     int codec, nclass;
     uint32_t max_stored;
     struct tclass cls[TPAGE / GRAIN];
     ZSTD_CCtx *zc;
     ZSTD_DCtx *zd;
     struct ufs_tier_stats st;
-    char scratch[TPAGE + 512] __attribute__((aligned(64)));
+    pthread_mutex_t mu;  /* the index, the arena, the stats */
+    pthread_mutex_t zmu; /* zc */
 };
+
+#define LOCK(t) pthread_mutex_lock(&(t)->mu)
+#define UNLOCK(t) pthread_mutex_unlock(&(t)->mu)
 
 static uint64_t tier_now_ns(void) {
     struct timespec t;
@@ -103,6 +127,8 @@ struct ufs_tier *ufs_tier_new(uint64_t cap_bytes, uint64_t nslots, int codec, ui
         return NULL;
     }
     t->arena = MAP_FAILED;
+    pthread_mutex_init(&t->mu, NULL);
+    pthread_mutex_init(&t->zmu, NULL);
     t->codec = codec;
     t->max_stored = max_stored;
     t->nslots = nslots;
@@ -165,6 +191,8 @@ void ufs_tier_free(struct ufs_tier *t) {
     free(t->ch);
     ZSTD_freeCCtx(t->zc);
     ZSTD_freeDCtx(t->zd);
+    pthread_mutex_destroy(&t->mu);
+    pthread_mutex_destroy(&t->zmu);
     free(t);
 }
 
@@ -280,26 +308,47 @@ static void account(struct ufs_tier *t) {
     t->st.pool_bytes = t->entry_bytes + chunk_bytes + t->held_pages * TPAGE;
 }
 
+/* Slot s was freed or is about to be written: its entry goes, and so does
+ * the page of any store() of it still compressing (stamp = tick). Under mu. */
+static void drop_locked(struct ufs_tier *t, int64_t s, uint32_t tick) {
+    if (s < 0 || (uint64_t)s >= t->nslots) return;
+    t->ent[s].gen = tick;
+    if (forget(t, s)) t->st.dropped_pages++;
+}
+
+/* Dropped (or stored by a newer store) since the store of tick `my` started? */
+static int dropped_since(const struct entry *x, uint32_t my) { return (int32_t)(x->gen - my) > 0; }
+
 /* The engine drops a slot it freed (engine.c, not in native.h). */
 void ufs_tier_drop_one(struct ufs_tier *t, int64_t s) {
-    if (s >= 0 && (uint64_t)s < t->nslots && forget(t, s)) {
-        t->st.dropped_pages++;
-        account(t);
-    }
+    LOCK(t);
+    drop_locked(t, s, ++t->clock);
+    account(t);
+    UNLOCK(t);
 }
 
 void ufs_tier_drop(struct ufs_tier *t, const int64_t *slots, int64_t n) {
-    for (int64_t i = 0; i < n; i++) ufs_tier_drop_one(t, slots[i]);
+    LOCK(t);
+    uint32_t tick = ++t->clock;
+    for (int64_t i = 0; i < n; i++) drop_locked(t, slots[i], tick);
+    account(t);
+    UNLOCK(t);
 }
 
 int64_t ufs_tier_sweep(struct ufs_tier *t, const uint16_t *refs, uint64_t nrefs) {
     int64_t n = 0;
-    for (uint32_t s = t->head, next; s != NONE32; s = next) {
-        next = t->ent[s].next;
-        if (s >= nrefs || !refs[s]) n += forget(t, s);
-    }
+    LOCK(t);
+    uint32_t tick = ++t->clock;
+    /* every free slot, not just those with an entry: a store of one may
+     * still be compressing */
+    for (uint64_t s = 0; s < t->nslots; s++)
+        if (s >= nrefs || !refs[s]) {
+            t->ent[s].gen = tick;
+            n += forget(t, s);
+        }
     t->st.dropped_pages += n;
     account(t);
+    UNLOCK(t);
     return n;
 }
 
@@ -312,39 +361,58 @@ static int same_filled(const void *page, uint64_t *word) {
     return 1;
 }
 
-/* Compress one page into scratch: its length, or 0 if over max_stored. */
-static int compress(struct ufs_tier *t, const char *src) {
-    if (t->codec == 0) return LZ4_compress_default(src, t->scratch, TPAGE, t->max_stored);
-    size_t r = ZSTD_compressCCtx(t->zc, t->scratch, t->max_stored, src, TPAGE, 1);
+/* Compress one page into out: its length, or 0 if over max_stored. No
+ * lock held: lz4's state is on the stack, zstd's context has its own. */
+static int compress(struct ufs_tier *t, const char *src, char *out) {
+    if (t->codec == 0) return LZ4_compress_default(src, out, TPAGE, t->max_stored);
+    pthread_mutex_lock(&t->zmu);
+    size_t r = ZSTD_compressCCtx(t->zc, out, t->max_stored, src, TPAGE, 1);
+    pthread_mutex_unlock(&t->zmu);
     return ZSTD_isError(r) || r > t->max_stored ? 0 : (int)r;
 }
 
 int64_t ufs_tier_store(struct ufs_tier *t, const void *buf, const int64_t *pos,
                        const int64_t *slots, int64_t n) {
     int64_t stored = 0;
-    /* every old entry of these slots goes first: they were just written */
-    for (int64_t i = 0; i < n; i++)
-        if (slots[i] >= 0 && (uint64_t)slots[i] < t->nslots && forget(t, slots[i]))
-            t->st.dropped_pages++;
+    char out[TPAGE + 512] __attribute__((aligned(64)));
+    LOCK(t);
+    uint32_t my = ++t->clock;
+    UNLOCK(t);
     for (int64_t i = 0; i < n; i++) {
         int64_t s = slots[i];
-        if (s < 0 || (uint64_t)s >= t->nslots || pos[i] < 0) continue;
-        if (t->ent[s].kind != E_NONE) forget(t, s); /* one slot twice in a batch: the last wins */
+        if (s < 0 || (uint64_t)s >= t->nslots) continue;
         const char *src = (const char *)buf + (size_t)pos[i] * TPAGE;
+        uint64_t word = 0;
+        int same = 0, len = 0;
+        if (pos[i] >= 0 && !(same = same_filled(src, &word))) len = compress(t, src, out);
+        LOCK(t);
         struct entry *x = &t->ent[s];
-        uint64_t word;
-        if (same_filled(src, &word)) {
+        if (dropped_since(x, my)) { /* freed, written again or stored by a newer store */
+            UNLOCK(t);
+            continue;
+        }
+        x->gen = my; /* an older store still compressing this slot must not follow */
+        /* the old entry goes: the slot was just written (or is twice in
+         * this batch: the last wins) */
+        if (forget(t, s)) t->st.dropped_pages++;
+        if (pos[i] < 0) {
+            account(t);
+            UNLOCK(t);
+            continue;
+        }
+        if (!same && len <= 0) {
+            t->st.rejected_pages++;
+            account(t);
+            UNLOCK(t);
+            continue;
+        }
+        if (same) {
             x->kind = E_SAME;
             x->val = word;
             x->len = 0;
             t->st.same_pages++;
             t->st.stored_bytes += sizeof word;
         } else {
-            int len = compress(t, src);
-            if (len <= 0) {
-                t->st.rejected_pages++;
-                continue;
-            }
             int cls = (len + GRAIN - 1) / GRAIN - 1;
             uint32_t c;
             uint16_t o;
@@ -356,9 +424,11 @@ int64_t ufs_tier_store(struct ufs_tier *t, const void *buf, const int64_t *pos,
             }
             if (!ok) { /* a cap too small for even one chunk of this class */
                 t->st.rejected_pages++;
+                account(t);
+                UNLOCK(t);
                 continue;
             }
-            memcpy(chunk_addr(t, c) + (size_t)o * t->cls[cls].size, t->scratch, len);
+            memcpy(chunk_addr(t, c) + (size_t)o * t->cls[cls].size, out, len);
             x->kind = E_DATA;
             x->cls = cls;
             x->len = len;
@@ -368,15 +438,16 @@ int64_t ufs_tier_store(struct ufs_tier *t, const void *buf, const int64_t *pos,
         t->st.stored_pages++;
         fifo_append(t, s);
         stored++;
+        account(t);
+        UNLOCK(t);
     }
-    account(t);
     return stored;
 }
 
 /* The page of slot s into dst, no statistics: 1 hit, 0 miss, -1 a corrupt
- * entry (dropped; the caller reads the device). For engine.c. */
-int ufs_tier_get(struct ufs_tier *t, int64_t s, void *dst) {
-    if (s < 0 || (uint64_t)s >= t->nslots) return 0;
+ * entry (dropped; the caller reads the device). For engine.c. The lookup
+ * and the decompress hold mu: an insert may move the arena under them. */
+static int get_locked(struct ufs_tier *t, int64_t s, void *dst) {
     struct entry *x = &t->ent[s];
     if (x->kind == E_SAME) {
         uint64_t *w = dst;
@@ -394,15 +465,26 @@ int ufs_tier_get(struct ufs_tier *t, int64_t s, void *dst) {
         ok = !ZSTD_isError(r) && r == TPAGE;
     }
     if (ok) return 1;
-    ufs_tier_drop_one(t, s);
+    drop_locked(t, s, ++t->clock);
+    account(t);
     return -1;
+}
+
+int ufs_tier_get(struct ufs_tier *t, int64_t s, void *dst) {
+    if (s < 0 || (uint64_t)s >= t->nslots) return 0;
+    LOCK(t);
+    int r = get_locked(t, s, dst);
+    UNLOCK(t);
+    return r;
 }
 
 /* The engine's bookkeeping of its lookups (engine.c). */
 void ufs_tier_count(struct ufs_tier *t, uint64_t hits, uint64_t misses, uint64_t ns) {
+    LOCK(t);
     t->st.hits += hits;
     t->st.misses += misses;
     t->st.hit_ns += ns;
+    UNLOCK(t);
 }
 
 int ufs_tier_load(struct ufs_tier *t, int64_t slot, void *dst) {
@@ -413,4 +495,8 @@ int ufs_tier_load(struct ufs_tier *t, int64_t slot, void *dst) {
     return r > 0;
 }
 
-void ufs_tier_stats(const struct ufs_tier *t, struct ufs_tier_stats *out) { *out = t->st; }
+void ufs_tier_stats(struct ufs_tier *t, struct ufs_tier_stats *out) {
+    LOCK(t);
+    *out = t->st;
+    UNLOCK(t);
+}

@@ -28,7 +28,15 @@ to compress, for a few percent less ratio; zstd (level 1, a context kept
 per pool) is the option. A page whose every 8-byte word is equal (zeros,
 but also 0xffff..., a memset pattern) is one 8-byte value and no arena
 bytes, as zram's same-filled pages are.
+
+Threads: `store` may run in a worker thread (cffi lets go of the GIL for
+the call) while the loop's engine looks pages up and frees slots: the pool
+takes a mutex only to insert, and a slot dropped while its page is still
+being compressed gets no entry (a generation per slot). `close` waits for
+the stores in flight.
 """
+import threading
+
 import numpy as np
 
 from .._native import ffi, lib
@@ -62,6 +70,8 @@ class RamTier:
         self._stats = ffi.new("struct ufs_tier_stats *")
         self._page = ffi.new("char[]", PAGE)
         self._engines: list = []  # engines that point at the pool (detached on close)
+        self._idle = threading.Condition()
+        self._storing = 0  # store calls in flight (in worker threads)
 
     def _ptr(self):
         if self._t is None:
@@ -71,15 +81,24 @@ class RamTier:
     def store(self, buf_addr: int, positions, slots) -> int:
         """Store page i of the batch, at buf_addr + positions[i]*PAGE, under
         slots[i]. Call it after the pages are on the device. Returns how
-        many were stored (the rest were rejected: disk only)."""
+        many were stored (the rest were rejected: disk only). Any thread;
+        the buffer must stay as it is until it returns."""
         pos, sl = _int64s(positions), _int64s(slots)
         if len(pos) != len(sl):
             raise ValueError("ufs_tier_store: positions and slots differ in length")
         if not len(sl):
             return 0
-        return int(lib.ufs_tier_store(self._ptr(), ffi.cast("void *", buf_addr),
-                                      ffi.from_buffer("int64_t[]", pos),
-                                      ffi.from_buffer("int64_t[]", sl), len(sl)))
+        with self._idle:
+            t = self._ptr()
+            self._storing += 1
+        try:
+            return int(lib.ufs_tier_store(t, ffi.cast("void *", buf_addr),
+                                          ffi.from_buffer("int64_t[]", pos),
+                                          ffi.from_buffer("int64_t[]", sl), len(sl)))
+        finally:
+            with self._idle:
+                self._storing -= 1
+                self._idle.notify_all()
 
     def drop(self, slots) -> None:
         """Forget these slots (freed, or about to be written again)."""
@@ -107,11 +126,13 @@ class RamTier:
     def close(self) -> None:
         if self._t is None:
             return
-        for e in self._engines:
+        with self._idle:  # a store in a worker still uses the pool
+            self._idle.wait_for(lambda: not self._storing)
+            t, self._t = self._t, None
+        for e in list(self._engines):  # set_tier takes e off the list
             e.set_tier(None)
         self._engines.clear()
-        lib.ufs_tier_free(self._t)
-        self._t = None
+        lib.ufs_tier_free(t)
 
     def __enter__(self):
         return self
