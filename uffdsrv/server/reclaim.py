@@ -39,7 +39,6 @@ PIPELINE = 2  # batches of one client in flight at once
 AGENT_WAIT = 5.0  # seconds a reclaim request waits for a client's agent to come back
 MAX_GAP = 64  # absent pages a write-protect or zap range may step over
 WP_RETRY_SECONDS = 2.0  # how long a batch retries a write-protect the kernel answers EAGAIN
-TIER_CHUNK = 256  # pages compressed into the RAM tier between two turns of the loop
 AGE_AFTER = 8  # halve the pages' heat after reclaiming this many times the managed pages
 
 
@@ -380,12 +379,22 @@ class ReclaimPath:
         else:
             written()
         self.metrics.swap_written(int(count.sum()) * PAGE)
-        # On the device now: the pool is only a faster copy. A batch's slots
-        # stay its own until it settles, so faults may be served between
-        # chunks (a whole batch is ~25 ms of lz4 on the loop).
-        for i in range(0, len(slots) if swap.tier is not None else 0, TIER_CHUNK):
-            swap.tier.store(buf, positions[i:i + TIER_CHUNK], slots[i:i + TIER_CHUNK])
-            await asyncio.sleep(0)
+        # On the device now: the pool is only a faster copy. Compressing a
+        # batch is ~25 ms of lz4: a worker does it (the pool locks only to
+        # insert, and skips a slot a fault dropped meanwhile), so faults
+        # are not served behind it. The buffer is read until the store
+        # returns: a cancelled batch still waits for it before letting go.
+        if swap.tier is not None:
+            fut = self.loop.run_in_executor(self.executor, swap.tier.store, buf, positions, slots)
+            try:
+                await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                while not fut.done():
+                    try:
+                        await asyncio.wait([fut])
+                    except asyncio.CancelledError:
+                        pass
+                raise
 
     @staticmethod
     def _ranges(addrs: np.ndarray):
