@@ -435,3 +435,24 @@ def test_close_waits_for_a_store_in_flight(tiers, batches):
     assert out["r"] == n
     with pytest.raises(ValueError):
         t.stats()
+
+
+def test_a_cancelled_store_off_loop_lets_go_only_once_the_store_is_done(tiers, batches):
+    """Reclaim's buffer is reused once its batch lets go: a cancelled
+    caller must not get its CancelledError while the worker still reads."""
+    import asyncio
+    import concurrent.futures
+    rng = np.random.default_rng(24)
+    n = 4096
+    b = batches(_tiled(rng, n))
+    t = tiers(64 << 20, n)
+
+    async def main():
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            task = asyncio.ensure_future(t.store_off_loop(ex, b.addr, np.arange(n), np.arange(n)))
+            await asyncio.sleep(0.001)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return t.stats()["stored_pages"]
+    assert asyncio.run(main()) == n

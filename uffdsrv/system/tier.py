@@ -35,6 +35,7 @@ takes a mutex only to insert, and a slot dropped while its page is still
 being compressed gets no entry (a generation per slot). `close` waits for
 the stores in flight.
 """
+import asyncio
 import threading
 
 import numpy as np
@@ -99,6 +100,22 @@ class RamTier:
             with self._idle:
                 self._storing -= 1
                 self._idle.notify_all()
+
+    async def store_off_loop(self, executor, buf_addr: int, positions, slots) -> int:
+        """store() in executor's thread, the loop free meanwhile. The buffer
+        is read until that store returns, so a cancelled caller still waits
+        for it before the CancelledError goes on (and the buffer with it)."""
+        fut = asyncio.get_running_loop().run_in_executor(executor, self.store, buf_addr,
+                                                         positions, slots)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            while not fut.done():
+                try:
+                    await asyncio.wait([fut])
+                except asyncio.CancelledError:
+                    pass
+            raise
 
     def drop(self, slots) -> None:
         """Forget these slots (freed, or about to be written again)."""
