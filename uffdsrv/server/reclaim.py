@@ -379,22 +379,10 @@ class ReclaimPath:
         else:
             written()
         self.metrics.swap_written(int(count.sum()) * PAGE)
-        # On the device now: the pool is only a faster copy. Compressing a
-        # batch is ~25 ms of lz4: a worker does it (the pool locks only to
-        # insert, and skips a slot a fault dropped meanwhile), so faults
-        # are not served behind it. The buffer is read until the store
-        # returns: a cancelled batch still waits for it before letting go.
+        # On the device now: the pool is only a faster copy, compressed in a
+        # worker (~25 ms a batch) so that faults are not served behind it
         if swap.tier is not None:
-            fut = self.loop.run_in_executor(self.executor, swap.tier.store, buf, positions, slots)
-            try:
-                await asyncio.shield(fut)
-            except asyncio.CancelledError:
-                while not fut.done():
-                    try:
-                        await asyncio.wait([fut])
-                    except asyncio.CancelledError:
-                        pass
-                raise
+            await swap.tier.store_off_loop(self.executor, buf, positions, slots)
 
     @staticmethod
     def _ranges(addrs: np.ndarray):
