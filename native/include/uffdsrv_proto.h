@@ -16,6 +16,10 @@
  *                     SO_PEERCRED, never by what the message claims)
  *   server -> api     OK | ERROR
  *   cli    -> server  CTL (a JSON request), server -> cli CTL_REPLY (JSON)
+ *   agent  -> server  DEVICE, server -> agent OK (+ SCM_RIGHTS: an open
+ *                     /dev/userfaultfd), on a connection of its own
+ *   agent  -> server  FORK_PREPARE, server -> agent OK | ERROR, then
+ *                     agent -> server FORK_DONE, on a connection of its own
  *
  * The server validates every field; a malformed message gets ERROR and the
  * connection is closed.
@@ -44,6 +48,17 @@ enum ufs_type {
     UFS_RESTORE = 11, /* header only: bring every page of the sender back and
                          stop managing it (before a core dump or a debugger);
                          the server answers OK once the pages are back */
+    UFS_DEVICE = 12,  /* header only: an agent that may not open
+                         /dev/userfaultfd asks for the server's open one,
+                         answered OK + SCM_RIGHTS (the device); the agent
+                         makes its uffd with USERFAULTFD_IOC_NEW on it */
+    UFS_FORK_PREPARE = 13, /* header only, from an agent without fork events
+                              (no CAP_SYS_PTRACE), before fork(): bring every
+                              page back and hold reclaim; OK once none is
+                              swapped and no zap will be sent */
+    UFS_FORK_DONE = 14,    /* header only, same connection, after fork():
+                              reclaim may go on (closing the connection says
+                              the same); no answer */
 };
 
 struct ufs_hdr {

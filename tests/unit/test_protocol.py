@@ -276,3 +276,24 @@ def test_struct_sizes_match_the_c_header():
     assert (p.HDR.size, p.HELLO_BODY.size, p.ZAP_HEAD.size, p.ZAP_DONE_BODY.size,
             p.REGION_BODY.size, p.ERROR_HEAD.size) == (16, 40, 8, 16, 16, 8)
     assert struct.calcsize("<IHHQ") == 16
+
+
+def test_message_types_and_flags_match_the_c_header():
+    """The numbers the agent sends are the ones the server reads: every
+    UFS_ name of the C header has the same value here."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[2] / "native/include/uffdsrv_proto.h").read_text()
+    c = {m[0]: int(m[1], 0) for m in re.findall(r"\bUFS_([A-Z_]+)\s*=\s*(\w+)", text)}
+    c.update({m[0]: int(m[1], 0) for m in re.findall(
+        r"#define UFS_(HELLO_[A-Z_]+)\s+(0x[0-9a-fA-F]+|\d+)", text)})
+    assert {"DEVICE", "FORK_PREPARE", "FORK_DONE", "RESTORE"} <= set(c)
+    for name, value in c.items():
+        assert getattr(p, name) == value, name
+
+
+@pytest.mark.parametrize("mtype", [p.RESTORE, p.DEVICE, p.FORK_PREPARE, p.FORK_DONE])
+def test_bare_messages_are_a_header_only(mtype):
+    p.parse_bare(p.pack(mtype, 3), "X")
+    with pytest.raises(ProtocolError, match="X of 17 bytes"):
+        p.parse_bare(p.pack(mtype, 3, b"\0"), "X")

@@ -13,7 +13,7 @@ MAX_MSG = 65536
 MAX_ZAP_RANGES = 1024
 
 (HELLO, HELLO_OK, ZAP, ZAP_DONE, REGISTER, UNREGISTER, OK, ERROR, CTL, CTL_REPLY,
- RESTORE) = range(1, 12)
+ RESTORE, DEVICE, FORK_PREPARE, FORK_DONE) = range(1, 15)
 HELLO_FORKED, HELLO_RECONNECT, HELLO_AUTO_MAPS, HELLO_HELPER = 1, 2, 4, 8
 ZAP_MADVISE = 1
 
@@ -40,6 +40,12 @@ def header(buf: bytes) -> tuple[int, int]:
     if version != VERSION:
         raise ProtocolError(f"protocol version {version} is not {VERSION}")
     return mtype, seq
+
+
+def parse_bare(buf: bytes, name: str) -> None:
+    """RESTORE, DEVICE, FORK_PREPARE and FORK_DONE are a header and nothing else."""
+    if len(buf) != HDR.size:
+        raise ProtocolError(f"{name} of {len(buf)} bytes")
 
 
 def pack(mtype: int, seq: int, body: bytes = b"") -> bytes:
