@@ -36,7 +36,7 @@ from ..core import access, protocol, replies
 from ..core.protocol import ProtocolError
 from ..core.ratelimit import LogLimit
 from ..system import ident, proc, procfs
-from . import admission, peer, sockets
+from . import admission, forks, peer, sockets
 from .managed import Registry
 
 log = logging.getLogger("uffdsrv.control")
@@ -347,8 +347,8 @@ class Connection:
                 raise ProtocolError(f"RESTORE from pid {self.pid}, which is not managed")
             self.kind = "restore"
             self._spawn(self._restore(seq))
-        else:
-            raise ProtocolError(f"unexpected message type {mtype}")
+        else:  # DEVICE, FORK_PREPARE, FORK_DONE; any other type is an error
+            forks.dispatch(self, mtype, seq, data, fds)
         return fds
 
     def _spawn(self, coro) -> None:
