@@ -81,6 +81,7 @@ class ManagedProcess:
         self.retry: list = []  # (addr, flags, tid) to try again after events were read
         self.retry_scheduled = False
         self.reclaim_lock = asyncio.Lock()
+        self.forking = 0  # FORK_PREPAREs holding its reclaim (forks.py)
         self.reclaim_cursor = 0
         self.closed = False
         self.cid = 0  # the journal's name for this client

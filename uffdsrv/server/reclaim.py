@@ -69,13 +69,13 @@ class ReclaimPath:
         self.stopping = False  # set by the server's stop: no batch goes on to its zap
 
     def _may_go_on(self, client: ManagedProcess) -> bool:
-        return not (self.stopping or client.closed or client.agent is None)
+        return not (self.stopping or client.closed or client.agent is None or client.forking)
 
     async def reclaim(self, client: ManagedProcess, keep_bytes: int = 0) -> int:
         """Reclaim until the client's resident managed memory is at most
         keep_bytes, or nothing more can go. Returns bytes reclaimed (pages
         whose zap dropped them)."""
-        if self.stopping:
+        if self.stopping or client.forking:  # its pages come back for a fork
             return 0
         if client.agent is None:
             # after a restart the agents come back within a few 100 ms
