@@ -15,13 +15,22 @@ reconnect, a forked child's) come from its zap helper, a CLONE_VM child
 with its own pid, and say so with HELLO_HELPER. Such a HELLO speaks for
 the helper's parent, and only if the two share one mm (kcmp KCMP_VM): a
 process that merely claims the flag speaks for nobody else.
+
+Fork events are the one required feature a uffd may lack: the kernel gives
+UFFD_FEATURE_EVENT_FORK only to a caller with CAP_SYS_PTRACE, and a program
+that does not run as root has its pages brought back before each fork
+instead (forks.py).
 """
 import errno
+import logging
 
 from ..core import protocol
 from ..core.pages import PAGE
 from ..system import ident, procfs, uffd
 from .managed import Registry
+
+log = logging.getLogger("uffdsrv")
+NEEDED = uffd.REQUIRED_FEATURES & ~uffd.FEATURE_EVENT_FORK
 
 
 class Refused(OSError):
@@ -53,12 +62,15 @@ def check_uffd(fd: int, pid: int, hello: dict, clients: Registry) -> bool:
     features = ident.uffd_features(fd)
     if features is None:
         raise Refused(errno.EINVAL, "the userfaultfd has not been through UFFDIO_API")
-    if features & uffd.REQUIRED_FEATURES != uffd.REQUIRED_FEATURES:
+    if features & NEEDED != NEEDED:
         raise Refused(errno.EOPNOTSUPP,
                       f"the userfaultfd lacks required features (has {features:#x})")
     if not hello["beacon"]:
         raise Refused(errno.EINVAL, "HELLO without a beacon page")
     check_owner(fd, pid, hello["beacon"])
+    if not features & uffd.FEATURE_EVENT_FORK:
+        log.info("pid %s has no fork events (CAP_SYS_PTRACE): pages come back before each fork",
+                 pid)
     return False
 
 

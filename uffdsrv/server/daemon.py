@@ -33,6 +33,7 @@ from ..system.ring import Ring
 from .budget_loop import BudgetLoop
 from .control import ControlSocket, Handlers
 from .faults import FaultPath
+from .forks import Forks
 from .journal_file import COMPACT_BYTES, JournalFile
 from .managed import AgentLink, ManagedProcess, Registry
 from .metrics import Metrics
@@ -109,6 +110,7 @@ class Server:
                      zap_done=self.zap_answered, region=self.regions.api_region,
                      request=requests.handle, restore=self.restore_pid),
             self.clients, self.metrics, self.socket_mode, self.allow_uids, self.allow_gids)
+        self.control.forks = Forks(self.clients, self.faults.restore)  # forks.py
         self.control.start(loop)
         if self.metrics_addr:
             self.metrics.serve(*self.metrics_addr)
@@ -210,8 +212,6 @@ class Server:
                 raise LookupError(f"no forked child with pid {pid} is known")
             client, kept = known, False
         else:
-            if hello["features"] & uffd.REQUIRED_FEATURES != uffd.REQUIRED_FEATURES:
-                raise OSError(errno.EOPNOTSUPP, "the agent's uffd lacks required features")
             if known is not None:
                 # the same pid with a new uffd: it exec'd, its old mm is gone
                 self.release(known)
