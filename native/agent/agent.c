@@ -167,6 +167,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -235,7 +236,14 @@ _Static_assert(sizeof(struct ufs_error) == 24, "ufs_error");
     (UFFD_FEATURE_EVENT_FORK | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE |   \
      UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_THREAD_ID)
 
+#define AGENT_NOFORK_FEATURES (AGENT_API_FEATURES & ~(uint64_t)UFFD_FEATURE_EVENT_FORK)
+#define NO_FORK_EVENTS(st) (!((st)->features & UFFD_FEATURE_EVENT_FORK))
+
+enum { GATE_OPEN, GATE_ZAPPING, GATE_HELD };
+
 #define REPLY_TIMEOUT_MS 10000
+#define FORK_WAIT_MS 1000           /* FORK_PREPARE asked again after an ERROR or no server */
+#define DEVICE_TRIES 30             /* a fork child's helper asks this often for the device */
 #define RESTORE_TIMEOUT_MS 30000
 #define WATCH_MS 1000                /* the helper looks at its program at least this often */
 #define REGION_BYTES (384 * 1024)   /* helper stack + state */
@@ -252,6 +260,10 @@ struct agent {
     int pidfd;       /* the program's pidfd: exit watch and PM_PIDFD target */
     int forked;      /* this process is a fork child of a managed one */
     int hello_done;  /* the helper's first HELLO (a fork child's) went through */
+    int fork_sock;   /* FORK_PREPARE's connection across fork(), or -1 (program side) */
+    _Atomic int zap_gate;          /* GATE_OPEN, GATE_ZAPPING (helper), GATE_HELD (fork) */
+    _Atomic uint64_t zaps_seen;    /* zaps that dropped pages (the helper counts) */
+    uint64_t zaps_clean;           /* zaps_seen when every page was last known back */
     unsigned flags;  /* HELLO flags chosen at start (AUTO_MAPS) */
     int pm_mode;
     int program;     /* the program's pid (the helper's parent) */
@@ -578,6 +590,112 @@ static int hello_exchange(struct agent *st, uint32_t flags, int fd_to_send, int 
 }
 
 /* ------------------------------------------------------------------ */
+/* the uffd: our own device, or the server's                           */
+
+/* Ask the server for its open /dev/userfaultfd (DEVICE, answered OK with
+ * the fd). Raw calls only: a fork child's helper asks too. Returns the fd
+ * or -errno (-ECONNREFUSED and the like: no server; -EPERM: an untrusted
+ * listener or a server that refused). */
+static int device_from_server(const struct agent *st) {
+    int s = connect_server(st, NULL);
+    if (s < 0) return s;
+    struct ufs_hdr h;
+    hdr_init(&h, UFS_DEVICE, 1);
+    long w;
+    do {
+        w = RS(SYS_sendto, s, &h, sizeof h, MSG_NOSIGNAL, NULL, 0);
+    } while (w == -EINTR);
+    int ret = -EPROTO;
+    if (w != (long)sizeof h) {
+        ret = w < 0 ? (int)w : -EIO;
+    } else if (wait_readable(st, s, REPLY_TIMEOUT_MS, 0) <= 0) {
+        ret = -ETIMEDOUT;
+    } else {
+        union {
+            struct ufs_hdr hdr;
+            struct ufs_error err;
+            char raw[512];
+        } r;
+        int trunc = 0, fd = -1;
+        long n;
+        do {
+            n = recv_msg(s, &r, sizeof r, MSG_DONTWAIT, &trunc, &fd);
+        } while (n == -EINTR);
+        struct stat sb;
+        if (n < (long)sizeof r.hdr || r.hdr.magic != UFS_MAGIC || r.hdr.version != UFS_VERSION) {
+            ret = n < 0 ? (int)n : -EPROTO;
+        } else if (r.hdr.type == UFS_ERROR) {
+            ret = (size_t)n >= sizeof r.err && r.err.error > 0 ? -r.err.error : -EPERM;
+        } else if (r.hdr.type == UFS_OK && fd >= 0 && RS(SYS_fstat, fd, &sb, 0, 0, 0, 0) == 0 &&
+                   S_ISCHR(sb.st_mode)) {
+            ret = fd; /* a character device: USERFAULTFD_IOC_NEW tells the rest */
+            fd = -1;
+        }
+        if (fd >= 0) r_close(fd);
+    }
+    r_close(s);
+    return ret;
+}
+
+/* A uffd for our own mm, through UFFDIO_API. The device, opened by us or
+ * (EACCES/EPERM: it is 0600 root) handed over by the server; its
+ * permission was checked at that open, and USERFAULTFD_IOC_NEW makes a
+ * uffd for the caller's mm. The userfaultfd() syscall is the last resort
+ * only: an unprivileged caller gets at most UFFD_USER_MODE_ONLY, under
+ * which the kernel's own faults on our ranges fail with EFAULT. Fork
+ * events need CAP_SYS_PTRACE (UFFDIO_API answers EPERM before it sets
+ * anything): then the same uffd is asked for the rest, and forks are kept
+ * right by FORK_PREPARE instead. Raw calls; `why` is NULL in the helper. */
+static int make_uffd(const struct agent *st, uint64_t *features, char *why, size_t whylen) {
+    int dev = (int)RS(SYS_open, "/dev/userfaultfd", O_RDWR | O_CLOEXEC, 0, 0, 0, 0);
+    int from_server = 0;
+    if (dev == -EACCES || dev == -EPERM) {
+        int d = device_from_server(st);
+        if (d < 0) {
+            WHY("cannot open /dev/userfaultfd (%s), and the server did not hand it over: %s",
+                strerror(-dev), strerror(-d));
+            return d;
+        }
+        dev = d;
+        from_server = 1;
+    }
+    long fd;
+    if (dev >= 0) {
+        fd = RS(SYS_ioctl, dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK, 0, 0, 0);
+        r_close(dev);
+        if (fd < 0 && from_server) {
+            WHY("USERFAULTFD_IOC_NEW on the server's /dev/userfaultfd: %s", strerror((int)-fd));
+            return (int)fd;
+        }
+    } else {
+        fd = -1;
+    }
+    if (fd < 0) fd = RS(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK, 0, 0, 0, 0, 0);
+    if (fd < 0) {
+        WHY("cannot create userfaultfd: %s", strerror((int)-fd));
+        return (int)fd;
+    }
+    uint64_t wanted = AGENT_API_FEATURES;
+    struct uffdio_api api = {.api = UFFD_API, .features = wanted};
+    long r = RS(SYS_ioctl, fd, UFFDIO_API, &api, 0, 0, 0);
+    if (r == -EPERM) {
+        wanted = AGENT_NOFORK_FEATURES;
+        memset(&api, 0, sizeof api);
+        api.api = UFFD_API;
+        api.features = wanted;
+        r = RS(SYS_ioctl, fd, UFFDIO_API, &api, 0, 0, 0);
+    }
+    if (r < 0) {
+        WHY("UFFDIO_API with remap/remove/unmap/thread-id events: %s", strerror((int)-r));
+        r_close((int)fd);
+        return (int)r;
+    }
+    /* The kernel answers with every feature it has; ours are those asked. */
+    *features = api.features & wanted;
+    return (int)fd;
+}
+
+/* ------------------------------------------------------------------ */
 /* zapping (the helper; the probe at start uses the same calls)        */
 
 /* process_madvise's contract with madvise(): bytes done up to the first
@@ -667,7 +785,7 @@ static void handle_zap(struct agent *st, size_t n, int trunc) {
 
     uint64_t total = 0;
     uint32_t done = 0;
-    int err = 0;
+    int err = 0, gated = 0;
     uint32_t count = z->count;
     if (trunc || n < sizeof *z || count < 1 || count > UFS_MAX_ZAP_RANGES ||
         n != sizeof *z + (size_t)count * sizeof(struct ufs_range) || (z->flags & ~UFS_ZAP_MADVISE)) {
@@ -681,6 +799,15 @@ static void handle_zap(struct agent *st, size_t n, int trunc) {
             goto reply;
         }
     }
+    /* A fork is being prepared (atfork_prepare holds the gate): a page
+     * dropped now would be zeros in the child. Nothing is zapped, and the
+     * server gives the batch's pages back. */
+    int open_ = GATE_OPEN;
+    if (!atomic_compare_exchange_strong(&st->zap_gate, &open_, GATE_ZAPPING)) {
+        err = EAGAIN;
+        goto reply;
+    }
+    gated = 1;
 
     if (z->flags & UFS_ZAP_MADVISE) {
         for (uint32_t i = 0; i < count; i++) {
@@ -736,6 +863,10 @@ static void handle_zap(struct agent *st, size_t n, int trunc) {
     }
 
 reply:
+    if (gated) {
+        if (total) atomic_fetch_add(&st->zaps_seen, 1);
+        atomic_store(&st->zap_gate, GATE_OPEN);
+    }
     d.result = total ? (int64_t)total : (err ? -(int64_t)err : 0);
     d.ranges_done = done;
     d.error = err;
@@ -841,11 +972,27 @@ static int nap(const struct agent *st, long ms) {
  * exits the helper if the program ends meanwhile. */
 static void connect_helper(struct agent *st) {
     long delay = st->hello_done ? 100 : 0;
+    int tries = 0;
     for (;;) {
         if (delay && nap(st, delay) < 0) helper_exit(st);
         if (!program_alive(st)) helper_exit(st);
         follow_ids(st);
         delay = 100;
+        if (st->uffd < 0 && NO_FORK_EVENTS(st)) {
+            /* A fork child without fork events has no uffd from the kernel:
+             * it makes its own and says HELLO as a new client. Until then
+             * nothing of it is registered, so giving up leaves it whole,
+             * unmanaged. */
+            uint64_t features = 0;
+            int fd = make_uffd(st, &features, NULL, 0);
+            if (fd < 0) {
+                if (++tries >= DEVICE_TRIES) helper_exit(st);
+                delay = 1000;
+                continue;
+            }
+            st->uffd = fd;
+            st->features = features;
+        }
         uint32_t flags = st->flags | UFS_HELLO_HELPER;
         if (st->hello_done) flags |= UFS_HELLO_RECONNECT;
         if (st->uffd < 0) flags |= UFS_HELLO_FORKED;
@@ -875,7 +1022,7 @@ static int helper_main(void *arg) {
     uint64_t all = ~0ULL;
     RS(SYS_rt_sigprocmask, SIG_SETMASK, &all, NULL, sizeof all, 0, 0);
     RS(SYS_prctl, PR_SET_NAME, "uffdsrv-zap", 0, 0, 0, 0);
-    if (st->forked) {
+    if (st->forked && !NO_FORK_EVENTS(st)) {
         /* Empty the beacon again for the child's own children. The REMOVE
          * this raises waits until the server reads it: here, not in fork(). */
         r_madvise((void *)st->beacon, PAGE_SZ, MADV_DONTNEED);
@@ -932,13 +1079,83 @@ static int spawn_helper(struct agent *st) {
 /* ------------------------------------------------------------------ */
 /* fork                                                                */
 
+/* Without fork events (see make_uffd) the child's copy of every
+ * registered range is unregistered at fork, and a page we had zapped
+ * reads as zeros there. So before fork(), on the forking thread: hold the
+ * helper's zaps (the gate: a zap already running finishes first; one that
+ * comes meanwhile is answered "not done"), and unless nothing was zapped
+ * since every page was last back, ask the server to bring them all back
+ * (FORK_PREPARE; it also holds reclaim of us until FORK_DONE). There is
+ * no bound after which fork goes on with pages possibly out: they can come
+ * back only from a server, so the prepare waits for one, as a fault on
+ * such a page would: for the answer while its connection is open (the
+ * server answers once the pages are back, or ERROR once the disk failed
+ * them for 2 s), asking again every FORK_WAIT_MS after an ERROR or while
+ * no server listens. A program that never had a page reclaimed, or had
+ * them all back at its last fork, never waits and needs no server. */
+static void fork_prepare(struct agent *st) {
+    for (int spins = 0;; spins++) {
+        int open_ = GATE_OPEN;
+        if (atomic_compare_exchange_strong(&st->zap_gate, &open_, GATE_HELD)) break;
+        if (spins < 100)
+            RS(SYS_sched_yield, 0, 0, 0, 0, 0, 0);
+        else
+            r_sleep_ms(1);
+    }
+    uint64_t seen = atomic_load(&st->zaps_seen);
+    if (seen == st->zaps_clean) return;
+    for (;;) {
+        int s = connect_server(st, NULL);
+        if (s >= 0) {
+            struct ufs_hdr h;
+            hdr_init(&h, UFS_FORK_PREPARE, 1);
+            if (RS(SYS_sendto, s, &h, sizeof h, MSG_NOSIGNAL, NULL, 0) == (long)sizeof h) {
+                int ready;
+                while ((ready = wait_readable(st, s, 3600 * 1000L, 0)) == 0) {
+                }
+                union {
+                    struct ufs_hdr hdr;
+                    char raw[512];
+                } r;
+                int trunc = 0;
+                long n;
+                do {
+                    n = recv_msg(s, &r, sizeof r, MSG_DONTWAIT, &trunc, NULL);
+                } while (n == -EINTR);
+                if (ready > 0 && n >= (long)sizeof r.hdr && r.hdr.magic == UFS_MAGIC &&
+                    r.hdr.version == UFS_VERSION && r.hdr.type == UFS_OK) {
+                    st->fork_sock = s; /* FORK_DONE goes on it after fork() */
+                    st->zaps_clean = seen;
+                    return;
+                }
+            }
+            r_close(s);
+        }
+        r_sleep_ms(FORK_WAIT_MS);
+    }
+}
+
 /* g_lock is held across fork so a child never inherits it locked by a
  * thread that does not exist there (a start in progress finishes first). */
 static void atfork_prepare(void) {
     pthread_mutex_lock(&g_lock);
+    struct agent *st = g_st;
+    if (st && atomic_load(&g_managed) && NO_FORK_EVENTS(st)) fork_prepare(st);
 }
 
 static void atfork_parent(void) {
+    struct agent *st = g_st;
+    if (st && st->fork_sock >= 0) {
+        struct ufs_hdr h;
+        hdr_init(&h, UFS_FORK_DONE, 1);
+        RS(SYS_sendto, st->fork_sock, &h, sizeof h, MSG_NOSIGNAL | MSG_DONTWAIT, NULL, 0);
+        r_close(st->fork_sock);
+        st->fork_sock = -1;
+    }
+    if (st) {
+        int held = GATE_HELD;
+        atomic_compare_exchange_strong(&st->zap_gate, &held, GATE_OPEN);
+    }
     pthread_mutex_unlock(&g_lock);
 }
 
@@ -948,8 +1165,16 @@ static void atfork_parent(void) {
 static void atfork_child(void) {
     struct agent *st = g_st;
     pthread_mutex_unlock(&g_lock);
+    if (st && st->fork_sock >= 0) { /* the parent's FORK_PREPARE connection */
+        r_close(st->fork_sock);
+        st->fork_sock = -1;
+    }
     if (!st || !atomic_load(&g_managed)) return;
     atomic_store(&g_managed, 0);
+    /* Our memory is whole (and a copy: the parent's helper never zaps it),
+     * and without fork events we start as a new client. */
+    atomic_store(&st->zap_gate, GATE_OPEN);
+    st->zaps_clean = atomic_load(&st->zaps_seen);
 
     /* The fd numbers in st are the parent's helper's: not ours to touch. */
     st->sock = st->uffd = st->pidfd = -1;
@@ -958,8 +1183,9 @@ static void atfork_child(void) {
     st->program = r_getpid();
 
     /* Fault on the empty, registered beacon: the fault lands on the
-     * child's new uffd with our thread id, naming us to the server. */
-    (void)*(volatile char *)st->beacon;
+     * child's new uffd with our thread id, naming us to the server.
+     * Without fork events nothing is registered here any more. */
+    if (!NO_FORK_EVENTS(st)) (void)*(volatile char *)st->beacon;
 
     int fd = r_pidfd_open(st->program);
     st->pidfd = fd >= 0 ? fd : -1;
@@ -1038,31 +1264,6 @@ static void install_dump_handlers(void) {
 /* ------------------------------------------------------------------ */
 /* start                                                               */
 
-static int create_uffd(uint64_t *features, char *why, size_t whylen) {
-    int fd = -1;
-    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
-    if (dev >= 0) {
-        fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
-        close(dev);
-    }
-    if (fd < 0) fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) {
-        int e = errno;
-        WHY("cannot create userfaultfd: %s", strerror(e));
-        return -e;
-    }
-    struct uffdio_api api = {.api = UFFD_API, .features = AGENT_API_FEATURES};
-    if (ioctl(fd, UFFDIO_API, &api) < 0) {
-        int e = errno;
-        WHY("UFFDIO_API with fork/remap/remove/unmap/thread-id events: %s",
-                strerror(e));
-        close(fd);
-        return -e;
-    }
-    *features = api.features;
-    return fd;
-}
-
 static struct agent *map_private(char *why, size_t whylen) {
     size_t total = 4 * PAGE_SZ + REGION_BYTES;
     char *m = mmap(NULL, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -1081,7 +1282,7 @@ static struct agent *map_private(char *why, size_t whylen) {
     size_t st_bytes = (sizeof(struct agent) + PAGE_SZ - 1) & ~(PAGE_SZ - 1);
     struct agent *st = (struct agent *)(region + REGION_BYTES - st_bytes);
     memset(st, 0, sizeof *st);
-    st->uffd = st->sock = st->pidfd = -1;
+    st->uffd = st->sock = st->pidfd = st->fork_sock = -1;
     st->map_start = (uintptr_t)m;
     st->map_len = total;
     st->beacon = (uintptr_t)beacon;
@@ -1151,26 +1352,26 @@ static int agent_start_locked(const char *socket_path, unsigned flags, char *why
         return -ENAMETOOLONG;
     }
 
-    uint64_t features = 0;
-    int uffd = create_uffd(&features, why, whylen);
-    if (uffd < 0) return uffd;
-
     struct agent *st = map_private(why, whylen);
-    if (!st) {
-        close(uffd);
-        return -ENOMEM;
-    }
-    st->uffd = uffd;
-    st->features = features;
+    if (!st) return -ENOMEM;
     st->flags = flags;
     st->program = getpid();
     st->uid = getuid();
-    int pidfd = r_pidfd_open(st->program);
-    st->pidfd = pidfd >= 0 ? pidfd : -1;
-    st->pm_mode = probe_zap_mode(st);
     st->addr.sun_family = AF_UNIX;
     memcpy(st->addr.sun_path, socket_path, plen + 1);
     st->addrlen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + plen + 1);
+    /* the server may have to hand us the device: st knows where it is */
+    uint64_t features = 0;
+    int uffd = make_uffd(st, &features, why, whylen);
+    if (uffd < 0) {
+        munmap((void *)st->map_start, st->map_len); /* st is in there: last */
+        return uffd;
+    }
+    st->uffd = uffd;
+    st->features = features;
+    int pidfd = r_pidfd_open(st->program);
+    st->pidfd = pidfd >= 0 ? pidfd : -1;
+    st->pm_mode = probe_zap_mode(st);
 
     int s = -1, fd_in = -1;
     int r = hello_exchange(st, flags, uffd, &s, &fd_in, 0, why, whylen);
