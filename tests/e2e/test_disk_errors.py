@@ -456,11 +456,6 @@ def test_a_bad_first_slot_does_not_stop_a_restart_taking_over(faulty, tmp_path):
         stopped(s)
 
 
-@pytest.mark.xfail(strict=True, reason="a stop's FaultPath.restore (server/faults.py) loads a "
-                   "page whose read just failed again at once: its 3 tries go in ~2 ms and "
-                   "_read_failed poisons it, so the program left registered for the next server "
-                   "dies of SIGBUS on its next touch (and ~18k log lines a second until the stop "
-                   "gives up)")
 def test_a_stop_on_a_bad_disk_leaves_the_pages_for_the_next_server(faulty, tmp_path):
     """A graceful stop puts every page back first; the ones it cannot read
     stay reclaimed, the program stays registered, and its touch waits

@@ -33,8 +33,9 @@ from ..core.pages import EMPTY, INFLIGHT, LOADING, PAGE, RESIDENT, SWAPPED
 from ..core.policy import now_ms
 from ..core.swapin import MAX_READAHEAD, loading_in, written, zeroed
 from ..system import engine as eng
-from ..system import kernel, uffd
+from ..system import uffd
 from .managed import ManagedProcess
+from .read_errors import SWAP_READ_TRIES, ReadErrors, restore_gaps
 
 log = logging.getLogger("uffdsrv.faults")
 # After queueing a swap read, spin on the ring for up to this many µs
@@ -47,8 +48,7 @@ log = logging.getLogger("uffdsrv.faults")
 # halved sequential fault-in with 4 threads.
 POLL_US = int(os.environ.get("UFFDSRV_POLL_US", "80") or 0)
 TICK = 0.01
-SWAP_READ_TRIES = 3  # reads of an unreadable slot before its fault ends in SIGBUS
-__all__ = ["FaultPath", "MAX_READAHEAD", "now_ms"]
+__all__ = ["FaultPath", "MAX_READAHEAD", "SWAP_READ_TRIES", "now_ms"]
 
 # engine counters that are metrics of the same name
 _FAULT_KINDS = ("zero", "write_protect", "swap", "loading", "unknown")
@@ -72,6 +72,7 @@ class FaultPath:
         self._tick_scheduled = False
         self._queue: collections.deque = collections.deque()
         self._handling = False
+        self.read_errors = ReadErrors(loop, metrics, self.retry)  # read_errors.py
         ring.before_harvest = self._refresh_all
         ring.after_harvest = self._after
 
@@ -186,7 +187,7 @@ class FaultPath:
             elif kind == eng.RETRY:
                 self.retry(client, addr, flags, tid)
             elif kind == eng.FAILED:
-                self._read_failed(client, addr, int(flags), err)
+                self.read_errors.failed(client, addr, int(flags), err, tid)
             elif kind == eng.ERROR:
                 log.warning("%s at %#x of pid %s: %s", eng.OPS.get(flags, "ioctl"), addr,
                             client.pid, errno.errorcode.get(-err, err))
@@ -200,7 +201,7 @@ class FaultPath:
                 log.error("read of uffd of pid %s failed: %s; trying again", client.pid,
                           errno.errorcode.get(-err, err))
                 self.metrics.error("uffd_read")
-                self.loop.call_later(0.05, self.start, client)
+                self.read_errors.later(0.05, self.start, client, retry=False)
         for hid, addrs in unprotect.items():
             if addrs:
                 self._unprotect(self._clients[hid], addrs)
@@ -337,64 +338,45 @@ class FaultPath:
         if len(todo):
             self.serve(client, todo[:, 0], todo[:, 1], todo[:, 2])
 
-    def _read_failed(self, client: ManagedProcess, addr: int, npages: int, err: int) -> None:
-        """The swap read for a fault at addr (and npages-1 after it) failed
-        or came short. It is tried again; a slot that stays unreadable ends
-        the fault as the kernel's swap does: SIGBUS, never wrong bytes and
-        never a wait for ever."""
-        # (the engine has counted the failed read: errors_total{kind="swap_read"})
-        tries = client.read_failures.pop(addr, 0) + 1
-        why = errno.errorcode.get(-err, err) if err else "short read"
-        if tries < SWAP_READ_TRIES:
-            if len(client.read_failures) < 4096:
-                client.read_failures[addr] = tries
-            log.error("swap read of %d pages for %#x of pid %s: %s; trying again", npages,
-                      addr, client.pid, why)
-            self.loop.call_later(0.1 * tries, self._refault, client, addr, npages)
-            return
-        log.error("pid %s: the swap slot of page %#x cannot be read (%s, %d tries): the "
-                  "program gets SIGBUS there, as from the kernel's swap", client.pid, addr, why,
-                  tries)
-        try:
-            kernel.fail_page(client.uffd, addr, client.pidfd,
-                             kernel.current().features.get("uffdio_poison", False))
-        except OSError as e:
-            log.error("pid %s: cannot end the fault at %#x: %s", client.pid, addr, e)
-        if npages > 1:  # the pages read ahead are tried on their own
-            self.loop.call_later(0.1, self._refault, client, addr + PAGE, npages - 1)
-
-    def _refault(self, client: ManagedProcess, start: int, npages: int) -> None:
-        """Pages of a swap-in that were not put back: serve the first now, and
-        wake who waits on the others (a woken first was read twice at once)."""
-        if client.closed:
-            return
-        try:
-            if npages > 1:
-                uffd.wake(client.uffd, [start + PAGE], [(npages - 1) * PAGE])
-        except OSError:
-            pass
-        self.retry(client, start)
+    def close(self) -> None:
+        """Before the swap file closes: no retry may read it after (its fd
+        number goes to the next file opened), and no client is served."""
+        self.read_errors.close()
+        for c in list(self._clients.values()):
+            self.stop(c)
 
     # --- putting pages back --------------------------------------------------------------
     async def restore(self, client: ManagedProcess, start: int = 0, end: int = 1 << 64) -> int:
         """Put every reclaimed page of the client in [start, end) back, through
         the engine (the same reads and COPYs as a fault, with no readahead
-        window and no heat). Returns the pages put back."""
+        window and no heat). A page whose read fails is not loaded again in
+        this call: it stays swapped (read_errors.py). -> pages put back."""
         h = client.engine
         if h is None:
             return 0
         first = int(h.counters[eng.C["restored"]])
-        for _ in range(1_000_000):
-            if client.closed or client.engine is not h:
-                break
-            self._fresh(client, h)
-            queued = h.restore(start, end, max(1, self.nloads * 3 // 4))
-            self._after()
-            if queued < 0:
-                break
-            if not queued and not client.retry and not loading_in(client.pages, start, end):
-                break
-            await asyncio.sleep(0)
-            self.ring.harvest()
+        failed = self.read_errors.begin_pass(client)
+        try:
+            for _ in range(1_000_000):
+                if client.closed or client.engine is not h:
+                    break
+                self._fresh(client, h)
+                queued = q = 0
+                for lo, hi in restore_gaps(client, start, end, failed):
+                    if self.engine.busy >= self.nloads * 3 // 4:
+                        break  # the rest of the buffers are for faults
+                    q = h.restore(lo, hi, max(1, self.nloads * 3 // 4))
+                    if q < 0:
+                        break
+                    queued += q
+                self._after()
+                if q < 0:
+                    break
+                if not queued and not client.retry and not loading_in(client.pages, start, end):
+                    break
+                await asyncio.sleep(0)
+                self.ring.harvest()
+        finally:
+            self.read_errors.end_pass(client)
         self.journal.flush()
         return int(h.counters[eng.C["restored"]]) - first

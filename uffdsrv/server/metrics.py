@@ -106,6 +106,10 @@ class Metrics:
                                      buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, .01, .025,
                                               .05, .1, .25, 1))
         self.clients = Gauge("uffdsrv_clients", "Connected managed processes", registry=r)
+        # a page whose swap slot stayed unreadable: its fault ended in SIGBUS
+        self.pages_lost = Counter("uffdsrv_pages_lost_to_io_errors_total",
+                                  "Pages whose swap slot could not be read: their fault ended "
+                                  "in SIGBUS", registry=r)
         self.kernel_feature = Gauge("uffdsrv_kernel_feature",
                                     "Kernel features probed at start: 1 present, 0 missing",
                                     ["feature"], registry=r)
@@ -119,6 +123,7 @@ class Metrics:
         self._event_types = {v: self.events_total.labels(n) for v, n in EVENT_NAMES.items()}
         self._event_types[None] = self.events_total.labels("other")
         self._error_kinds = {k: self.errors_total.labels(k) for k in ERROR_KINDS}
+        self.pages_lost_total = 0
         self._swap_started: dict[int, float] = {}  # fault buffer -> time its fault was read
         self.http = None
         r.register(_StateCollector(self))
@@ -175,6 +180,10 @@ class Metrics:
     def reclaimed(self, pages: int, seconds: float) -> None:
         self.reclaimed_pages.inc(pages)
         self.batch_seconds.observe(seconds)
+
+    def page_lost(self, n: int = 1) -> None:
+        self.pages_lost.inc(n)
+        self.pages_lost_total += n  # for status
 
     def swapped_in(self, pages: int) -> None:
         self.swapped_in_pages.inc(pages)
