@@ -266,13 +266,16 @@ def summary_lines(f: dict) -> list[str]:
     return lines
 
 
-CLIENT_HEADS = ("PID", "COMM", "MANAGED", "RESIDENT", "SWAPPED", "FAULTS", "FAULTS/s")
+CLIENT_HEADS = ("PID", "COMM", "MANAGED", "RESIDENT", "SWAPPED", "FAULTS", "FAULTS/s", "ZAP")
 
 
 def client_rows(f: dict) -> list[tuple[str, ...]]:
+    # ZAP: "waiting" while a zap of the client's is unanswered (a stopped or
+    # frozen program): it is not reclaimed until then
     return [(str(c["pid"]), c["comm"][:16], _bytes(c["managed_bytes"]),
              _bytes(c["resident_bytes"]), _bytes(c["swapped_bytes"]),
-             f"{c['faults_total']:,}", _n(c["faults_per_second"])) for c in f["clients"]]
+             f"{c['faults_total']:,}", _n(c["faults_per_second"]),
+             "waiting" if c.get("zap_pending") else "") for c in f["clients"]]
 
 
 def plain(f: dict) -> str:
@@ -297,7 +300,7 @@ def rich_view(f: dict):
     for r in client_rows(f):
         t.add_row(*r)
     if not f["clients"]:
-        t.add_row("", "no managed processes", *[""] * 5)
+        t.add_row("", "no managed processes", *[""] * (len(CLIENT_HEADS) - 2))
     s = Table.grid(padding=(0, 2))
     s.add_column(style="bold cyan", justify="right")
     s.add_column()

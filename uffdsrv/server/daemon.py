@@ -17,7 +17,6 @@ import concurrent.futures
 import errno
 import logging
 import os
-import resource
 import signal
 import time
 
@@ -25,16 +24,18 @@ import numpy as np
 
 from ..core import journal, protocol
 from ..core.budgets import Budgets
-from ..core.pages import PAGE
+from ..core.pages import LOADING, PAGE, SWAPPED
 from ..core.swapin import MAX_READAHEAD
 from ..system import engine as eng
 from ..system import kernel, proc, procfs, uffd
 from ..system.ring import Ring
 from .budget_loop import BudgetLoop
+from .compaction import compact, compact_forever
 from .control import ControlSocket, Handlers
 from .faults import FaultPath
 from .forks import Forks
 from .journal_file import COMPACT_BYTES, JournalFile
+from .limits import default_max_region, raise_nofile
 from .managed import AgentLink, ManagedProcess, Registry
 from .metrics import Metrics
 from .reclaim import BATCH_PAGES, ReclaimPath
@@ -47,7 +48,6 @@ from .zaps import must_stay, put_back, wait_for_zaps, zap_outstanding
 log = logging.getLogger("uffdsrv")
 FAULT_BUFFERS = 256
 RECLAIM_BUFFERS = 2
-COMPACT_EVERY = 1.0  # seconds between two looks at the journal's size
 REAP_EVERY = 1.0  # seconds between two looks at forked children never identified
 
 
@@ -102,7 +102,8 @@ class Server:
         self.takeover = Takeover(self.journal, self.swap, self.clients, self._adopt,
                                  self.ring.harvest, self.reclaimer.settle)
         self.takeover.recover()
-        requests = Requests(self.clients, self.swap, self.reclaimer.reclaim, self.restore_pid)
+        requests = Requests(self.clients, self.swap, self.reclaimer.reclaim, self.restore_pid,
+                            self.metrics)
         self.status = requests.status
         self.control = ControlSocket(
             self.socket_path,
@@ -126,7 +127,7 @@ class Server:
         log.log(logging.WARNING if k.missing() else logging.INFO, "%s", k.missing_line())
         tasks = [asyncio.ensure_future(t) for t in (
             self.regions.rescan_forever(), BudgetLoop(self.clients, self.reclaimer.reclaim).run(),
-            self._compact_forever(), self._reap_forever())]
+            compact_forever(self.journal, self.clients, COMPACT_BYTES), self._reap_forever())]
         try:
             await self.stopping.wait()
         finally:
@@ -139,6 +140,7 @@ class Server:
         unregister; one client's failure is logged and the others go on."""
         log.info("stopping: settling zaps in flight, putting every reclaimed page back")
         self.reclaimer.stopping = True
+        self.faults.read_errors.stop()  # no fault ends in SIGBUS in a stop (read_errors.py)
         await wait_for_zaps(self.clients)
         self.control.close()
         for c in self.clients.all():
@@ -162,17 +164,9 @@ class Server:
         self.journal.rewrite(journal.snapshot(self.clients.journaled()))
         self.journal.close()
         self.executor.shutdown(wait=False)
+        self.faults.close()  # no retry reads the swap file after this (read_errors.py)
         self.swap.close()
         log.info("stopped; %d pages put back, %d programs left registered", restored, left)
-
-    async def _compact_forever(self) -> None:
-        """Rewrite the journal from the live state once it has grown, while
-        no reclaim batch is in flight (a batch's records must not be cut)."""
-        while True:
-            await asyncio.sleep(COMPACT_EVERY)
-            if (self.journal.size > COMPACT_BYTES
-                    and not any(c.batches for c in self.clients.all())):
-                self.journal.rewrite(journal.snapshot(self.clients.journaled()))
 
     async def _reap_forever(self) -> None:
         """A forked child the server never identified (`_Fork()` and raw
@@ -216,13 +210,29 @@ class Server:
                 # the same pid with a new uffd: it exec'd, its old mm is gone
                 self.release(known)
             client, kept = self._new_client(fd, pid, hello), True
-        client.agent = AgentLink(conn.sock, self.zap_flags)
+        old, client.agent = client.agent, AgentLink(conn.sock, self.zap_flags)
+        if old is not None and old.sock is not conn.sock:
+            # its zap is over (an agent says HELLO only then): no wait stays
+            # on the dead connection; their batches settle below, or once held
+            old.fail_all(ConnectionError(f"agent of pid {pid} reconnected"))
+            asyncio.ensure_future(self._settle_reconnected(client, client.agent))
         client.agent_back.set()
         if client.recovering:
             self.takeover.settle(client)
         if client.auto_maps:
             asyncio.ensure_future(self.regions.rescan(client))
         return client, kept
+
+    async def _settle_reconnected(self, client: ManagedProcess, link: AgentLink) -> None:
+        """A batch whose wait failed reaches `recovering` a few loop turns
+        later (reclaim.py's finally): settle it then, as a HELLO does."""
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if not any(b.zap_sent and not b.settled and b not in client.recovering
+                       for b in client.batches.values()):
+                break
+        if client.agent is link and client.recovering and not client.closed:
+            self.takeover.settle(client)
 
     def _new_client(self, fd: int, pid: int, hello: dict) -> ManagedProcess:
         client = ManagedProcess(fd, pid)
@@ -330,14 +340,19 @@ class Server:
         client = self.clients.by_pid(pid)
         if client is None:
             raise LookupError(f"pid {pid} is not a managed process")
-        client.auto_maps, client.budget, client.restored = False, None, True
         h = client.engine
         first = int(h.counters[eng.C["restored"]]) if h is not None else 0
+        # a page whose slot cannot be read stays swapped (read_errors.py):
+        # let go unregistered, it would read as zeros
+        await self.faults.restore(client)
+        left = client.pages.count(SWAPPED) + client.pages.count(LOADING)
+        if left:
+            raise OSError(errno.EIO, f"restore: {left} pages of pid {pid} cannot be read back "
+                          "from swap; it stays managed")
+        client.auto_maps, client.budget, client.restored = False, None, True
         await self.regions.unmanage(client, 0, protocol.USER_TOP)
         n = int(h.counters[eng.C["restored"]]) - first if h is not None else 0
-        if not any(c.batches for c in self.clients.all()):
-            # else a crash's next server manages it again (its CLIENT flags)
-            self.journal.rewrite(journal.snapshot(self.clients.journaled()))
+        compact(self.journal, self.clients)  # else a crash's next server manages it again
         log.info("pid %s: %d pages put back; it is no longer managed", pid, n)
         return n
 
@@ -378,23 +393,3 @@ def mm_alive(client: ManagedProcess) -> bool:
     except OSError as e:
         return e.errno != errno.ESRCH
     return True
-
-
-def raise_nofile() -> None:
-    """Every managed process costs the server fds (its uffd, pidfd and agent
-    socket, and a forked child's uffd that the kernel installs while the
-    parent's fork() waits): the default soft limit of 1024 runs out with a
-    few hundred clients. Take the hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError) as e:
-            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, e)
-
-
-def default_max_region() -> int:
-    """Twice the machine's memory: a mapping larger than that can never be
-    mostly memory; it is reserved address space (sanitizer shadows,
-    allocator arenas) whose per-page state alone would cost gigabytes."""
-    return 2 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

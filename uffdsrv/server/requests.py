@@ -16,10 +16,11 @@ from .reclaim import NoAgent
 
 
 class Requests:
-    def __init__(self, clients: Registry, swap, reclaim, restore):
+    def __init__(self, clients: Registry, swap, reclaim, restore, metrics=None):
         """reclaim(client, keep_bytes) -> bytes reclaimed; restore(pid) ->
         pages put back (LookupError: not managed)."""
         self.clients = clients
+        self.metrics = metrics
         self.swap = swap
         self.reclaim = reclaim
         self.restore = restore
@@ -52,6 +53,8 @@ class Requests:
             return {"pid": pid, "restored_pages": await self.restore(pid)}
         except LookupError:
             return {"error": f"pid {pid} is not a managed process"}
+        except OSError as e:  # pages that cannot be read back: it stays managed
+            return {"error": str(e)}
 
     async def _reclaim(self, req: dict) -> dict:
         pid, keep = req.get("pid"), req.get("keep_bytes", 0)
@@ -84,13 +87,17 @@ class Requests:
         tier = swap.tier_status()  # None without a RAM tier
         # the pool is the server's own memory: it comes off what reclaim saved
         saved = swap.slots.used * PAGE - (tier["pool_bytes"] if tier else 0)
-        return {"clients": [c.status() for c in clients
+        # zap_pending: a zap of the client's has gone unanswered (a stopped
+        # or frozen program); its batch waits and it is not reclaimed
+        return {"clients": [{**c.status(), "zap_pending": bool(c.recovering)} for c in clients
                             if c.pid is not None and (pid is None or c.pid == pid)],
                 "unidentified": sum(c.pid is None for c in clients),
                 "swap": {"path": swap.path, "size_bytes": swap.size,
                          "used_bytes": swap.slots.used * PAGE,
                          "io_mode": swap.io_mode},
                 "tier": tier, "memory_saved_bytes": saved,
+                # pages whose swap slot could not be read: their fault got SIGBUS
+                "pages_lost_to_io_errors": self.metrics.pages_lost_total if self.metrics else 0,
                 "kernel": kernel.current().as_json()}
 
 
