@@ -121,6 +121,28 @@
  *    table is a copy of the program's, not the helper's), so nothing there
  *    is closed.
  *
+ *  - Programs that do not run as root. /dev/userfaultfd is 0600 root, and
+ *    the userfaultfd() syscall gives an unprivileged caller at most
+ *    UFFD_USER_MODE_ONLY (vm.unprivileged_userfaultfd = 0), under which a
+ *    kernel fault on our ranges (write(fd, zapped_buf)) fails with EFAULT.
+ *    So where the open fails with EACCES/EPERM the agent asks the server
+ *    for its open device (DEVICE, answered OK with the fd): the device's
+ *    permission was checked at the server's open, USERFAULTFD_IOC_NEW on
+ *    it makes a uffd for the caller's own mm, and the device fd is closed
+ *    at once. UFFDIO_API refuses UFFD_FEATURE_EVENT_FORK without
+ *    CAP_SYS_PTRACE (EPERM, before it sets anything): the same uffd is
+ *    asked for the other features, and HELLO says what it got. Without
+ *    fork events the child's copy of every registered range is
+ *    unregistered and a page we zapped reads as zeros there, so the
+ *    atfork prepare handler holds the helper's zaps (zap_gate: an atomic
+ *    in our mapping that the helper takes around each zap and answers
+ *    EAGAIN, nothing zapped, while it is held) and, unless nothing was
+ *    zapped since the pages were last all back, has the server bring every
+ *    page back first (FORK_PREPARE; see fork_prepare for how long it
+ *    waits); the parent handler says FORK_DONE. The child's helper then
+ *    makes a uffd of its own (device, IOC_NEW, UFFDIO_API) and says HELLO
+ *    HELPER|AUTO_MAPS as a new client; its beacon is not used.
+ *
  *  - Core dumps: reclaimed pages are holes in a core file. Where a fatal
  *    signal's disposition is SIG_DFL at start and a core could be written
  *    (RLIMIT_CORE > 0, or a core_pattern pipe), the agent installs a handler

@@ -125,19 +125,21 @@ def dispatch(conn, mtype: int, seq: int, data: bytes, fds: list[int]) -> None:
 
 
 def send_device(conn, seq: int) -> None:
-    """OK with an open /dev/userfaultfd; opening a character device and
-    closing our copy never block."""
+    """OK with an open /dev/userfaultfd, then the connection is over (one
+    device per connection; the peer still reads what was sent). Opening a
+    character device and closing our copy never block."""
     try:
         fd = os.open(DEVICE_PATH, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
         conn.send(protocol.pack_error(seq, e.errno or errno.EIO,
                                       f"open {DEVICE_PATH}: {e.strerror}"))
+        conn.close()
         return
     try:
         conn.sock.sendmsg([protocol.pack(protocol.OK, seq)],
                           [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
     except OSError as e:
         log.debug("sendmsg of the device to pid %s: %s", conn.pid, e)
-        conn.close()
     finally:
         os.close(fd)
+        conn.close()
