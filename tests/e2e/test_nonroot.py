@@ -15,7 +15,9 @@ with that agent instead of the built one: that is how each test was seen
 to fail with the agent before this change (it printed "cannot create
 userfaultfd: Operation not permitted; running unmanaged")."""
 import os
+import select
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -164,3 +166,36 @@ def test_a_fork_after_a_reclaim_gives_the_child_the_parents_data(srv):
     err = prog.stderr()
     assert "uffdsrv" not in err, err
     assert took < 30, took
+
+
+def test_a_fork_waits_for_a_stopped_server_rather_than_give_the_child_zeros(srv):
+    """The pages can only come back from a server: a fork while the server
+    is stopped waits for it, and the child still gets the parent's bytes.
+    (What the program waits on may also be a fault of its own on a page
+    it never touched: that too waits for the server.)"""
+    s, progs, work = srv
+    prog = NobodyProgram(s.socket, 1024)
+    progs.append(prog)
+    wait_client(s, prog.pid)
+    reclaimed(s, prog)
+    os.kill(s.proc.pid, signal.SIGSTOP)
+    try:
+        prog.proc.stdin.write(f"fork {work}\n")
+        prog.proc.stdin.flush()
+        r, _, _ = select.select([prog.proc.stdout], [], [], 1.5)
+        assert not r, "fork() returned while the server that holds the pages was stopped"
+        assert not (work / "child.1").exists()
+    finally:
+        os.kill(s.proc.pid, signal.SIGCONT)
+    out = prog.line(30).split()
+    assert out[0] == "ok", out
+    child = int(out[1])
+    try:
+        wait_until(lambda: (work / "child.1").exists() and (work / "child.1").read_text(), 30,
+                   s.log_text)
+        assert (work / "child.1").read_text().split()[:2] == [str(child), "0"]
+    finally:
+        (work / "go").write_text("")
+    assert prog.cmd(f"wait {child}") == ["0"]
+    assert prog.bad() == 0
+
