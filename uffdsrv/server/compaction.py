@@ -15,10 +15,14 @@ batches do not hold compaction up: one frozen program would otherwise let
 the journal of every other grow without bound.
 """
 import asyncio
+import os
 
 from ..core import journal
+from .journal_file import COMPACT_BYTES
 
 COMPACT_EVERY = 1.0  # seconds between two looks at the journal's size
+# the size past which it is rewritten (UFFDSRV_COMPACT_BYTES: tests make it small)
+COMPACT_AT = int(os.environ.get("UFFDSRV_COMPACT_BYTES", "") or COMPACT_BYTES)
 
 
 def snapshot_safe(clients) -> bool:
@@ -39,7 +43,7 @@ def compact(jf, clients) -> bool:
     return True
 
 
-async def compact_forever(jf, clients, threshold: int) -> None:
+async def compact_forever(jf, clients, threshold: int = COMPACT_AT) -> None:
     """Rewrite the journal once it has grown past `threshold` bytes."""
     while True:
         await asyncio.sleep(COMPACT_EVERY)

@@ -34,7 +34,7 @@ from .compaction import compact, compact_forever
 from .control import ControlSocket, Handlers
 from .faults import FaultPath
 from .forks import Forks
-from .journal_file import COMPACT_BYTES, JournalFile
+from .journal_file import JournalFile
 from .limits import default_max_region, raise_nofile
 from .managed import AgentLink, ManagedProcess, Registry
 from .metrics import Metrics
@@ -127,7 +127,7 @@ class Server:
         log.log(logging.WARNING if k.missing() else logging.INFO, "%s", k.missing_line())
         tasks = [asyncio.ensure_future(t) for t in (
             self.regions.rescan_forever(), BudgetLoop(self.clients, self.reclaimer.reclaim).run(),
-            compact_forever(self.journal, self.clients, COMPACT_BYTES), self._reap_forever())]
+            compact_forever(self.journal, self.clients), self._reap_forever())]
         try:
             await self.stopping.wait()
         finally:

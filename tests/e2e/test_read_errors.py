@@ -1,0 +1,225 @@
+"""Failed swap reads on the fault path, and the loose ends of the zap work.
+
+On a failing disk (faultyfs, see test_disk_errors.py): a stop in the middle
+of failing reads reads nothing on the swap fd once it is closed (its number
+could be another file's by then), ends no fault in SIGBUS, and leaves the
+program for the next server, which serves every page; the log says a
+failing disk in a bounded number of lines; a page lost to its slot is
+counted once. And: a client whose zap is unanswered says so in status,
+the journal is compacted around its held batch (and the snapshot is right:
+a crash after it loses nothing), and an agent that reconnects fails the
+waits left on its old connection."""
+import asyncio
+import os
+import re
+import signal
+import socket
+import time
+import urllib.request
+
+from uffdsrv import ctl
+from uffdsrv.core import protocol
+from uffdsrv.core.pages import PAGE
+
+from ..conftest import Server, Workload, wait_client
+from ..support import wait_until
+from .test_disk_errors import died, faulty, faultyfs_bin, filled, metric, start_server, stopped
+from .test_zap_safety import Paused, consistent
+
+MIB = 1 << 20
+__all__ = ["faulty", "faultyfs_bin"]  # fixtures, used by name
+CLOSED_FD = re.compile(r"EBADF|ESPIPE|Bad file descriptor|Illegal seek")
+
+
+def plain_metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert m, f"{name} is not exported"
+    return float(m.group(1))
+
+
+def next_server(tmp_path, fs) -> Server:
+    return Server(tmp_path, swap_size="64M", swap=fs.swap,
+                  state_dir=str(tmp_path / "state")).start()
+
+
+def test_a_stop_during_failing_reads_reads_no_closed_fd_and_leaves_every_page(faulty,
+                                                                                tmp_path):
+    """Four threads fault on pages whose reads fail; the server is stopped
+    while their tries are spaced out on timers. None of those timers may
+    read after the swap file is closed, and no fault may end in SIGBUS:
+    the program waits, and the next server serves every page right."""
+    s, port = start_server(tmp_path, faulty)
+    w = None
+    try:
+        w = filled(s, 4, threads=4)
+        assert s.reclaim(w.pid) >= 3 * MIB
+        faulty.set("read all all")
+        w.proc.stdin.write("verify\n")
+        w.proc.stdin.flush()
+        wait_until(lambda: "; trying again" in s.log_text(), message=s.log_text)
+        time.sleep(0.05)  # the second tries are due in 0.1-0.2 s: on timers now
+        log = stopped(s, timeout=20)
+        assert not CLOSED_FD.search(log), log
+        assert "cannot be read" not in log, log  # no SIGBUS for a program left registered
+        assert f"pid {w.pid} has " in log and "left registered" in log, log
+        time.sleep(1)
+        assert w.proc.poll() is None, w.proc.stderr.read()
+        faulty.set("ok")
+        s = next_server(tmp_path, faulty)
+        assert w.proc.stdout.readline().split() == ["ok", str(w.npages), "0"]
+        assert w.verify() == (w.npages, 0)
+    finally:
+        if w is not None:
+            w.close()
+        log = stopped(s)
+    assert not CLOSED_FD.search(log), log
+
+
+def test_a_disk_failing_every_read_is_said_in_a_bounded_number_of_lines(faulty, tmp_path):
+    """A stop on a disk that fails every read, 4096 swapped pages: each
+    load is tried once in the pass (no immediate reload), and the lines are
+    rate-limited, the rest said in a summary with their number."""
+    from uffdsrv.server.read_errors import LOG_BURST
+    s, port = start_server(tmp_path, faulty)
+    w = None
+    try:
+        w = filled(s, 16)
+        assert s.reclaim(w.pid) >= 15 * MIB
+        swapped = s.client(w.pid)["swapped_bytes"] // PAGE
+        faulty.set("read all all")
+        t0 = time.monotonic()
+        log = stopped(s, timeout=20)
+        assert time.monotonic() - t0 < 10, "the stop spun on reads it knew to fail"
+        lines = re.findall(r"^.*swap read of .*$", log, re.M)
+        held = [int(n) for n in re.findall(r"^.*\b(\d+) more failed reads left swapped in the last",
+                                           log, re.M)]
+        assert 0 < len(lines) <= LOG_BURST, len(lines)
+        assert held, log[-3000:]
+        # each load of at most 32 pages failed once: no page was loaded twice
+        assert swapped // 32 <= len(lines) + sum(held) <= swapped, (len(lines), held, swapped)
+        assert "left registered" in log, log[-3000:]
+        faulty.set("ok")
+        s = next_server(tmp_path, faulty)
+        assert w.verify() == (w.npages, 0)
+    finally:
+        if w is not None:
+            w.close()
+        stopped(s)
+
+
+def test_a_page_lost_to_an_unreadable_slot_is_counted_once(faulty, tmp_path):
+    """One bad slot: the page read ahead with it is not poisoned (no thread
+    waits on it), only the faulting page is, and that is one lost page in
+    the metrics and in status."""
+    s, port = start_server(tmp_path, faulty)
+    w = None
+    try:
+        w = filled(s, 4)
+        assert s.reclaim(w.pid) >= 3 * MIB
+        assert s.status()["pages_lost_to_io_errors"] == 0
+        slots = faulty.slots_of(w.npages, 1, 1)
+        k = w.npages // 2
+        faulty.set(f"read {int(slots[k]) * PAGE} {PAGE}")
+        w.proc.stdin.write("verify\n")
+        w.proc.stdin.flush()
+        code, err = died(w, s)
+        assert code == -signal.SIGBUS, (code, err)
+        time.sleep(0.5)  # a poison of the pages read ahead would come 0.1 s on
+        assert s.status()["pages_lost_to_io_errors"] == 1, s.log_text()
+        assert plain_metric(port, "uffdsrv_pages_lost_to_io_errors_total") == 1
+        assert metric(port, "uffdsrv_errors_total", 'kind="swap_read"') >= 3
+    finally:
+        if w is not None:
+            w.close()
+        stopped(s)
+
+
+def test_a_held_zap_shows_in_status_and_compaction_goes_on_around_it(need_kernel, tmp_path):
+    """A paused program's batch waits for its zap's answer (held); another
+    program's reclaims grow the journal past its compaction size: the
+    journal is rewritten all the same. The snapshot must say the held batch
+    right: the server is then killed, the paused program let go (its zap
+    runs), and the next server reads both programs' pages back right."""
+    s = Server(tmp_path)
+    s.env["UFFDSRV_ZAP_TIMEOUT"] = "1"
+    s.env["UFFDSRV_COMPACT_BYTES"] = str(64 << 10)
+    s.start()
+    a = Workload(s.socket, mib=8, threads=1, seed=1)
+    b = Workload(s.socket, mib=8, threads=1, seed=2)
+    frozen = None
+    try:
+        for w in (a, b):
+            wait_client(s, w.pid)
+            w.cmd("fill 1")
+            wait_until(lambda w=w: s.client(w.pid)["managed_bytes"] >= 8 * MIB)
+        assert not s.client(a.pid)["zap_pending"]
+        frozen = Paused(a)
+        frozen.pause()
+        got = ctl.request(s.socket, "reclaim", pid=a.pid, keep_bytes=0, timeout=20)
+        assert got["reclaimed_bytes"] == 0, got
+        assert s.client(a.pid)["zap_pending"] and not s.client(b.pid)["zap_pending"]
+        journal = s.dir / "journal"
+        biggest = 0
+        for _ in range(100):  # every cycle writes SWAP, SETTLED and FREE records
+            assert s.reclaim(b.pid, keep=0) >= 0
+            assert b.verify() == (b.npages, 0)
+            biggest = max(biggest, journal.stat().st_size)
+            if biggest > (96 << 10):
+                break
+        assert biggest > (64 << 10), biggest
+        wait_until(lambda: journal.stat().st_size < biggest, timeout=5,
+                   message=lambda: f"never compacted around the held batch: "
+                                   f"{journal.stat().st_size} bytes")
+        assert s.client(a.pid)["zap_pending"]
+        s.kill()
+        frozen.resume()  # its zap runs now, or is refused: either way nothing is lost
+        s = Server(tmp_path).start()
+        wait_until(lambda: "took over 2 of 2" in s.log_text(), message=s.log_text)
+        assert a.verify() == (a.npages, 0)
+        assert b.verify() == (b.npages, 0)
+        wait_until(lambda: not s.client(a.pid)["zap_pending"], message=lambda: str(s.status()))
+        wait_until(lambda: consistent(s, a), message=lambda: str(s.status()))
+    finally:
+        if frozen is not None:
+            frozen.remove()
+        a.close()
+        b.close()
+    assert s.stop() == 0
+    assert "Traceback" not in s.log_text(), s.log_text()
+
+
+def test_a_reconnecting_agent_fails_the_waits_on_its_old_connection():
+    """attach_agent with a HELLO_RECONNECT from a known client: a zap
+    awaited on the old connection gets an error at once (the agent says
+    HELLO again only once its zaps are over), not a wait for ever."""
+    from uffdsrv.server.daemon import Server as Daemon
+    from uffdsrv.server.managed import AgentLink, ManagedProcess, Registry
+
+    class Conn:
+        def __init__(self, sock):
+            self.sock, self.pid = sock, os.getpid()
+
+    async def run():
+        d = Daemon.__new__(Daemon)
+        d.clients, d.zap_flags = Registry(), 0
+        settled = []
+        d.takeover = type("T", (), {"settle": lambda self, c: settled.append(c)})()
+        client = ManagedProcess(-1, os.getpid())
+        d.clients.add(client)
+        old_a, old_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        new_a, new_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            client.agent = AgentLink(old_a)
+            fut, = client.agent.zap([1 << 20], [PAGE])
+            got, kept = d.attach_agent(Conn(new_a), {"flags": protocol.HELLO_RECONNECT}, None)
+            assert got is client and not kept
+            assert client.agent.sock is new_a
+            await asyncio.sleep(0)
+            assert fut.done() and isinstance(fut.exception(), ConnectionError), fut
+            await asyncio.sleep(0.05)
+        finally:
+            for x in (old_a, old_b, new_a, new_b):
+                x.close()
+
+    asyncio.run(run())
