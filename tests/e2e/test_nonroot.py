@@ -199,3 +199,24 @@ def test_a_fork_waits_for_a_stopped_server_rather_than_give_the_child_zeros(srv)
     assert prog.cmd(f"wait {child}") == ["0"]
     assert prog.bad() == 0
 
+
+
+def test_a_root_program_keeps_fork_events(srv):
+    """Root has CAP_SYS_PTRACE: its uffd keeps EVENT_FORK, its child comes
+    through the FORK event (named by its beacon), and no prepare is said."""
+    s, progs, work = srv
+    prog = Program(s.socket, 256)
+    progs.append(prog)
+    wait_client(s, prog.pid)
+    reclaimed(s, prog)
+    child = int(prog.cmd(f"fork {work}")[0])
+    try:
+        wait_until(lambda: f"pid {child} is a child of {prog.pid}" in s.log_text(), 15,
+                   s.log_text)
+        wait_until(lambda: (work / "child.1").exists() and (work / "child.1").read_text(), 30,
+                   s.log_text)
+        assert (work / "child.1").read_text().split()[1] == "0"
+    finally:
+        (work / "go").write_text("")
+    assert prog.cmd(f"wait {child}") == ["0"]
+    assert NO_FORK_LINE not in s.log_text(), s.log_text()
