@@ -172,7 +172,8 @@ def figures(new: Sample, old: Sample | None, ref: Sample | None = None) -> dict:
     f: dict = {"clients": clients, "swap": st["swap"], "has_metrics": bool(m),
                "memory": memory(new, ref if ref is not None else old),
                "tier": st.get("tier"), "tier_rates": tier_rates(new, old),
-               "memory_saved_bytes": st.get("memory_saved_bytes")}
+               "memory_saved_bytes": st.get("memory_saved_bytes"),
+               "pages_lost_to_io_errors": st.get("pages_lost_to_io_errors", 0)}
     if not m:
         return f
     f["version"] = next((dict(k).get("version") for k in m.get("uffdsrv_build_info", {})), "?")
@@ -245,6 +246,12 @@ def summary_lines(f: dict) -> list[str]:
              f"page cache {_signed(mem['page_cache_growth_bytes'])}  "
              f"managed resident {_bytes(mem['resident_bytes'])} "
              f"({_signed(mem['resident_change_bytes'])}) since start"]
+    # a zap unanswered (a stopped or frozen program): not reclaimed until it is
+    waiting = [str(c["pid"]) for c in f["clients"] if c.get("zap_pending")]
+    if waiting:
+        lines.append("zap unanswered: pid " + ", ".join(waiting))
+    if f.get("pages_lost_to_io_errors"):
+        lines.append(f"pages lost to swap read errors (SIGBUS): {f['pages_lost_to_io_errors']:,}")
     if not f["has_metrics"]:
         return lines + ["metrics: not scraped (give --metrics-url to see rates)"]
     fps = f["faults_per_second"]
@@ -266,16 +273,13 @@ def summary_lines(f: dict) -> list[str]:
     return lines
 
 
-CLIENT_HEADS = ("PID", "COMM", "MANAGED", "RESIDENT", "SWAPPED", "FAULTS", "FAULTS/s", "ZAP")
+CLIENT_HEADS = ("PID", "COMM", "MANAGED", "RESIDENT", "SWAPPED", "FAULTS", "FAULTS/s")
 
 
 def client_rows(f: dict) -> list[tuple[str, ...]]:
-    # ZAP: "waiting" while a zap of the client's is unanswered (a stopped or
-    # frozen program): it is not reclaimed until then
     return [(str(c["pid"]), c["comm"][:16], _bytes(c["managed_bytes"]),
              _bytes(c["resident_bytes"]), _bytes(c["swapped_bytes"]),
-             f"{c['faults_total']:,}", _n(c["faults_per_second"]),
-             "waiting" if c.get("zap_pending") else "") for c in f["clients"]]
+             f"{c['faults_total']:,}", _n(c["faults_per_second"])) for c in f["clients"]]
 
 
 def plain(f: dict) -> str:

@@ -21,7 +21,7 @@ from uffdsrv import ctl
 from uffdsrv.core import protocol
 from uffdsrv.core.pages import PAGE
 
-from ..conftest import Server, Workload, wait_client
+from ..conftest import Server, Workload, uffdsrv, wait_client
 from ..support import wait_until
 from .test_disk_errors import died, faulty, faultyfs_bin, filled, metric, start_server, stopped
 from .test_zap_safety import Paused, consistent
@@ -127,6 +127,8 @@ def test_a_page_lost_to_an_unreadable_slot_is_counted_once(faulty, tmp_path):
         assert code == -signal.SIGBUS, (code, err)
         time.sleep(0.5)  # a poison of the pages read ahead would come 0.1 s on
         assert s.status()["pages_lost_to_io_errors"] == 1, s.log_text()
+        out = uffdsrv("top", "--socket", s.socket, "--once", timeout=60).stdout
+        assert "pages lost to swap read errors (SIGBUS): 1\n" in out, out
         assert plain_metric(port, "uffdsrv_pages_lost_to_io_errors_total") == 1
         assert metric(port, "uffdsrv_errors_total", 'kind="swap_read"') >= 3
     finally:
@@ -159,6 +161,8 @@ def test_a_held_zap_shows_in_status_and_compaction_goes_on_around_it(need_kernel
         got = ctl.request(s.socket, "reclaim", pid=a.pid, keep_bytes=0, timeout=20)
         assert got["reclaimed_bytes"] == 0, got
         assert s.client(a.pid)["zap_pending"] and not s.client(b.pid)["zap_pending"]
+        out = uffdsrv("top", "--socket", s.socket, "--once", timeout=60).stdout
+        assert f"zap unanswered: pid {a.pid}\n" in out, out
         journal = s.dir / "journal"
         biggest = 0
         for _ in range(100):  # every cycle writes SWAP, SETTLED and FREE records
