@@ -227,3 +227,61 @@ def test_a_reconnecting_agent_fails_the_waits_on_its_old_connection():
                 x.close()
 
     asyncio.run(run())
+
+
+def test_a_restore_pass_skips_exactly_the_windows_that_failed():
+    """restore_gaps: each failed load's window (MAX_READAHEAD pages from its
+    first, cut at its region's end) is left out; the rest is kept, in order."""
+    from types import SimpleNamespace
+
+    from uffdsrv.core.pages import PageMap
+    from uffdsrv.server.read_errors import restore_gaps
+    pages = PageMap()
+    a = 1 << 30
+    pages.add(a, a + 100 * PAGE)
+    pages.add(a + 100 * PAGE, a + 110 * PAGE)  # adjacent: a window stops at the first's end
+    c = SimpleNamespace(pages=pages)
+    end = a + 110 * PAGE
+    assert restore_gaps(c, a, end, []) == [(a, end)]
+    assert restore_gaps(c, a, end, [a + 10 * PAGE]) == [(a, a + 10 * PAGE),
+                                                        (a + 42 * PAGE, end)]
+    assert restore_gaps(c, a, end, [a + 90 * PAGE, a + 90 * PAGE]) == [
+        (a, a + 90 * PAGE), (a + 100 * PAGE, end)]
+    assert restore_gaps(c, a, end, [a, a + 32 * PAGE, a + 64 * PAGE, a + 96 * PAGE,
+                                    a + 100 * PAGE]) == []
+
+
+def test_log_lines_of_a_kind_are_limited_and_the_rest_summed_up(caplog):
+    """ReadErrors._say: LOG_BURST lines per LOG_PERIOD, then one summary line
+    with the number held back, at the period's end (or at close)."""
+    import logging
+    from types import SimpleNamespace
+
+    from uffdsrv.server import read_errors as re_
+
+    class Loop:
+        def __init__(self):
+            self.now, self.later = 0.0, []
+
+        def time(self):
+            return self.now
+
+        def call_later(self, delay, fn, *args):
+            h = SimpleNamespace(run=lambda: fn(*args), cancel=lambda: None)
+            self.later.append(h)
+            return h
+
+    loop = Loop()
+    e = re_.ReadErrors(loop, None, None)
+    with caplog.at_level(logging.ERROR, logger="uffdsrv.faults"):
+        for i in range(re_.LOG_BURST + 30):
+            e._say("left", "line %d", i)
+        assert len(caplog.records) == re_.LOG_BURST
+        assert len(loop.later) == 1  # one summary due, not one per line held back
+        loop.now += re_.LOG_PERIOD
+        loop.later[0].run()
+        assert caplog.records[-1].getMessage() == \
+            f"30 more failed reads left swapped in the last {re_.LOG_PERIOD:g} s"
+        e._say("left", "again")
+        e.close()
+        assert caplog.records[-1].getMessage() == "again"  # nothing held back since
