@@ -244,7 +244,7 @@ def test_hostile_control_socket(server, workload):
               p.REGISTER: p.REGION_BODY.size, p.UNREGISTER: p.REGION_BODY.size}
 
     @FUZZ
-    @given(st.one_of(st.integers(0, 12), st.integers(0, 0xFFFF)), st.integers(0, 2**64 - 1),
+    @given(st.one_of(st.integers(0, 15), st.integers(0, 0xFFFF)), st.integers(0, 2**64 - 1),
            st.one_of(st.binary(max_size=80), st.integers(0, 70000).map(lambda n: b"\xff" * n)),
            st.booleans())
     def headers(mtype, seq, body, exact):
@@ -261,6 +261,11 @@ def test_hostile_control_socket(server, workload):
             return  # well-formed region: refused, the test is no agent
         if mtype == p.HELLO:  # garbage that parses: "no forked child known", ...
             assert out[0] == "error" and out[3], out
+            return
+        if mtype in (p.DEVICE, p.FORK_PREPARE) and not body:
+            # well-formed: the device (for an allowed peer), or OK (nothing of
+            # an unmanaged pid is swapped); the device came and was dropped
+            assert out[0] == "reply" and out[1] == p.OK, (mtype, out)
             return
         assert out[0] == "error" and out[1] == errno.EPROTO, (mtype, out)
     headers()

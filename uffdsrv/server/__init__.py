@@ -12,6 +12,10 @@ constructor; none holds the server.
   takeover.py      adopting the programs a dead server managed
   control.py       the unix socket: agents, the explicit API, the CLI
   admission.py     which uffd a peer may hand us
+  peer.py          a peer's pidfd, taken at accept
+  forks.py         programs without fork events: the device, pages back
+                   before each fork
+  zaps.py          waiting for zap answers; what a stop leaves registered
   requests.py      status, reclaim and limit requests
   journal_file.py  the journal on disk (its records: core/journal.py)
   swap.py          the swap file and the I/O staging buffers
