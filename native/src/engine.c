@@ -106,6 +106,7 @@ struct ufs_engine {
     int64_t *sc; /* [used, low] */
     uint64_t nslots;
     struct ufs_tier *tier; /* NULL: every swap-in reads the device */
+    int fixed;             /* the arena is registered: READ_FIXED */
     char *arena;
     int nloads, nfree, inflight;
     struct load *loads;
@@ -143,6 +144,7 @@ struct ufs_engine *ufs_engine_new(struct ufs_ring *ring, void *arena, size_t byt
         *err = e ? -EINVAL : -ENOMEM;
         return NULL;
     }
+    e->fixed = 1;
     e->loads = calloc(n, sizeof *e->loads);
     e->freel = calloc(n, sizeof *e->freel);
     e->capout = 1024;
@@ -187,6 +189,8 @@ void ufs_engine_set_swap(struct ufs_engine *e, int fd, int rw_flags, int report_
 void ufs_engine_set_poll(struct ufs_engine *e, unsigned poll_us) { e->poll_us = poll_us; }
 
 void ufs_engine_set_tier(struct ufs_engine *e, struct ufs_tier *t) { e->tier = t; }
+
+void ufs_engine_set_fixed(struct ufs_engine *e, int fixed) { e->fixed = fixed; }
 
 int ufs_engine_busy(struct ufs_engine *e) { return e->inflight; }
 
@@ -467,8 +471,12 @@ static int start_load(struct ufs_eclient *c, const struct ufs_region *r, uint64_
             L->bad = -EBUSY;
             break;
         }
-        io_uring_prep_read_fixed(sqe, e->swap_fd, buf + p * PAGE, (q - p) * PAGE,
-                                 L->slot[p] * PAGE, 0);
+        if (e->fixed)
+            io_uring_prep_read_fixed(sqe, e->swap_fd, buf + p * PAGE, (q - p) * PAGE,
+                                     L->slot[p] * PAGE, 0);
+        else /* the kernel pins the buffer's pages for this read only */
+            io_uring_prep_read(sqe, e->swap_fd, buf + p * PAGE, (q - p) * PAGE,
+                               L->slot[p] * PAGE);
         sqe->rw_flags = e->rw_flags;
         io_uring_sqe_set_data64(sqe, ENGINE_TAG | ((uint64_t)li << 16) | (q - p));
         L->pending++;

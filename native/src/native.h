@@ -153,4 +153,6 @@ void ufs_tier_stats(struct ufs_tier *t, struct ufs_tier_stats *out);
  * slots Python freed without a drop. Returns how many went. */
 int64_t ufs_tier_sweep(struct ufs_tier *t, const uint16_t *refs, uint64_t nrefs);
 void ufs_engine_set_tier(struct ufs_engine *e, struct ufs_tier *t); /* NULL: no tier */
+/* 1: the arena is the ring's registered buffer (READ_FIXED); 0: plain reads */
+void ufs_engine_set_fixed(struct ufs_engine *e, int fixed);
 #endif

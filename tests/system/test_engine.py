@@ -50,7 +50,7 @@ class Rig:
     """One client: the mapping, its uffd, a page map, the swap file, a
     ring and an engine."""
 
-    def __init__(self, tmp, npages: int):
+    def __init__(self, tmp, npages: int, register: bool = False):
         self.npages = npages
         self.fd = uffd.open_uffd()
         self.map = self.ring = self.engine = None
@@ -66,7 +66,7 @@ class Rig:
                 aligned[s * PAGE:(s + 1) * PAGE] = page_bytes(s)
             assert os.pwritev(self.swap_fd, [aligned], 0) == NSLOTS * PAGE
             aligned.close()
-            self.ring = Ring(256, 8 * MAX_READAHEAD * PAGE)
+            self.ring = Ring(256, 8 * MAX_READAHEAD * PAGE, register=register)
             self.engine = Engine(self.ring, self.ring.arena_addr, 8 * MAX_READAHEAD * PAGE)
             self.slots = Slots(NSLOTS)
             self.engine.set_swap(self.swap_fd, self.slots)
@@ -162,12 +162,14 @@ class Rig:
             self.map.close()
 
 
-@pytest.fixture
-def rig(tmp_path):
+@pytest.fixture(params=[False, True], ids=["plain-reads", "registered-arena"])
+def rig(tmp_path, request):
+    """Each test twice: the engine's swap reads as plain READs into an
+    unregistered arena (the server's default) and as READ_FIXED."""
     made = []
 
     def make(npages):
-        r = Rig(tmp_path, npages)
+        r = Rig(tmp_path, npages, register=request.param)
         made.append(r)
         return r
     yield make

@@ -23,9 +23,11 @@ pytestmark = pytest.mark.skipif(root_missing() is not None, reason=str(root_miss
 ARENA = 1 << 20
 
 
-@pytest.fixture
-def ring():
-    r = Ring(64, ARENA)
+@pytest.fixture(params=[False, True], ids=["plain", "registered"])
+def ring(request):
+    """Every ring test with the arena unregistered (the default) and
+    registered (READ_FIXED/WRITE_FIXED)."""
+    r = Ring(64, ARENA, register=request.param)
     yield r
     r.close()
 
@@ -335,7 +337,7 @@ def _nfds() -> int:
 def test_failed_arena_registration_leaks_nothing():
     before = _nfds()
     with pytest.raises(OSError) as e:
-        Ring(8, (1 << 30) + PAGE)  # over io_uring's 1 GiB per registered buffer
+        Ring(8, (1 << 30) + PAGE, register=True)  # over io_uring's 1 GiB per registered buffer
     assert e.value.errno == errno.EFAULT and "io_uring_register_buffers" in str(e.value)
     assert _nfds() == before
 
@@ -392,3 +394,41 @@ def test_counters_include_submissions_made_when_the_sq_is_full(tmpfd):
         assert ring.submissions == 3
     finally:
         ring.close()
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) << 10
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.parametrize("register", [False, True])
+def test_an_arena_costs_memory_only_where_used_unless_registered(register, tmpfd):
+    """Registering pins (so faults in) the whole arena at once; an
+    unregistered one holds only the pages I/O touched, and discard gives
+    those back. The server's RSS counts against a budget's memory."""
+    n = 64 << 20
+    base = _rss_anon()
+    r = Ring(8, n, register=register)
+    try:
+        grown = _rss_anon() - base
+        if register:
+            assert grown >= n * 9 // 10
+            return
+        assert grown < 4 << 20
+        os.ftruncate(tmpfd, 16 * PAGE)
+        res = Results()
+        r.read(tmpfd, r.arena_addr, 16 * PAGE, 0, res.cb("r"))
+        r.flush()
+        complete(r, res, 1)
+        assert res.got == {"r": 16 * PAGE}
+        r.arena[:16 * PAGE] = b"\x5a" * (16 * PAGE)
+        used = _rss_anon() - base
+        assert 16 * PAGE <= used < (4 << 20) + 16 * PAGE
+        r.discard(r.arena_addr, 16 * PAGE)
+        assert r.arena[:PAGE] == bytes(PAGE)  # given back: zeros when touched again
+        assert _rss_anon() - base < used
+    finally:
+        r.close()

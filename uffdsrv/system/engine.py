@@ -4,7 +4,8 @@ kernel, and what Python hands it.
 One call serves the page faults of one read of a uffd: zero pages and
 write-protect releases in contiguous runs, swap-ins queued on the ring as
 READ_FIXED into the engine's part of the registered arena (one read per
-run of contiguous slots, the page and its readahead in one buffer), and
+run of contiguous slots, the page and its readahead in one buffer; plain
+READ when the ring did not register its arena), and
 io_uring_submit once. Their completions never come back to Python: the
 ring hands CQEs whose user_data has the engine's tag to the engine during
 the harvest, and the engine puts the pages in with UFFDIO_COPY in runs,
@@ -139,6 +140,8 @@ class Engine:
             check(err[0], "ufs_engine_new")
         self._e = e
         self.ring = ring
+        # a ring without a registered arena gets plain reads (system/ring.py)
+        lib.ufs_engine_set_fixed(e, int(getattr(ring, "registered", True)))
         self._view = ffi.new("struct ufs_eview *")
         self._ids = itertools.count(1)
         self.handles: dict[int, Handle] = {}

@@ -13,8 +13,17 @@ our thread, which our next syscall runs). One read returns a batch of
 `uffd_msg`s. io_uring has no opcode for uffd ioctls: those stay
 synchronous, batched in C.
 
-Swap I/O uses READ_FIXED/WRITE_FIXED into one registered buffer arena, so
-the kernel pins those pages once instead of on every request.
+Swap I/O goes to and from one buffer arena. Registering it
+(io_uring_register_buffers, READ_FIXED/WRITE_FIXED) makes the kernel pin
+its pages once instead of on every request, but pinning is faulting in:
+a registered 64 MiB arena is 64 MiB of the server's RSS from the start,
+used or not, and it is what a budget's memory figure counts. Unregistered,
+the arena is a MAP_NORESERVE mapping that costs a page only once written,
+and each O_DIRECT request pins its own pages for its duration (a few
+hundred ns a page against a ~22 µs device read here). The fault engine's
+buffers are taken last-freed-first, so the few in use stay the ones
+touched. So the arena is registered only on request (register=True, or
+UFFDSRV_RING_REGISTER=1); `discard` gives a released buffer's pages back.
 
 Submission is batched: prep calls queue SQEs and one io_uring_enter per
 event-loop turn submits them all (the flush is scheduled on first use).
@@ -34,9 +43,14 @@ from .uffd import _ptr, _u64
 log = logging.getLogger("uffdsrv.ring")
 
 
+REGISTER = os.environ.get("UFFDSRV_RING_REGISTER", "0") == "1"
+
+
 class Ring:
-    def __init__(self, entries: int = 1024, arena_bytes: int = 64 << 20):
+    def __init__(self, entries: int = 1024, arena_bytes: int = 64 << 20,
+                 register: bool | None = None):
         self._r = None
+        self.registered = REGISTER if register is None else register
         self._loop: asyncio.AbstractEventLoop | None = None
         self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
@@ -45,10 +59,12 @@ class Ring:
             if r == ffi.NULL:
                 check(err[0], "io_uring_queue_init")
             self._r = r
-            self.arena = mmap.mmap(-1, arena_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.arena = mmap.mmap(-1, arena_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                                   | getattr(mmap, "MAP_NORESERVE", 0x4000))
             self.arena_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.arena)))
-            check(lib.ufs_ring_register_buffer(self._r, ffi.cast("void *", self.arena_addr),
-                                               arena_bytes), "io_uring_register_buffers")
+            if self.registered:
+                check(lib.ufs_ring_register_buffer(self._r, ffi.cast("void *", self.arena_addr),
+                                                   arena_bytes), "io_uring_register_buffers")
         except BaseException:
             self.close()
             raise
@@ -76,6 +92,15 @@ class Ring:
         if self.eventfd is not None:
             os.close(self.eventfd)
             self.eventfd = None
+
+    def discard(self, addr: int, nbytes: int) -> None:
+        """The arena's pages in [addr, addr + nbytes) hold nothing wanted any
+        more: back to the kernel (they read as zeros when next touched). A
+        registered arena keeps them: they stay pinned whatever we say."""
+        lo = self.arena_addr
+        if self.registered or not (lo <= addr and addr + nbytes <= lo + len(self.arena)):
+            return
+        self.arena.madvise(mmap.MADV_DONTNEED, addr - lo, nbytes)
 
     @property
     def submissions(self) -> int:
@@ -115,8 +140,7 @@ class Ring:
             return self._rw_flags(lib.ufs_ring_read_flags, "io_uring read", fd, addr, length,
                                   offset, flags, callback)
         ud = self._id(callback)
-        fixed = self.arena_addr <= addr and addr + length <= self.arena_addr + len(self.arena)
-        prep = lib.ufs_ring_read_fixed if fixed else lib.ufs_ring_read
+        prep = lib.ufs_ring_read_fixed if self._fixed(addr, length) else lib.ufs_ring_read
         self._queued(prep(self._r, fd, ffi.cast("void *", addr), length, offset, ud),
                      "io_uring read", ud)
         return ud
@@ -127,11 +151,14 @@ class Ring:
             return self._rw_flags(lib.ufs_ring_write_flags, "io_uring write", fd, addr, length,
                                   offset, flags, callback)
         ud = self._id(callback)
-        fixed = self.arena_addr <= addr and addr + length <= self.arena_addr + len(self.arena)
-        prep = lib.ufs_ring_write_fixed if fixed else lib.ufs_ring_write
+        prep = lib.ufs_ring_write_fixed if self._fixed(addr, length) else lib.ufs_ring_write
         self._queued(prep(self._r, fd, ffi.cast("void *", addr), length, offset, ud),
                      "io_uring write", ud)
         return ud
+
+    def _fixed(self, addr: int, length: int) -> bool:
+        return (self.registered and self.arena_addr <= addr
+                and addr + length <= self.arena_addr + len(self.arena))
 
     def _rw_flags(self, prep, call: str, fd: int, addr: int, length: int, offset: int,
                   flags: int, callback) -> int:
