@@ -363,7 +363,7 @@ class FaultPath:
                 self._fresh(client, h)
                 queued = q = 0
                 for lo, hi in restore_gaps(client, start, end, failed):
-                    if self.engine.busy >= self.nloads * 3 // 4:
+                    if queued and self.engine.busy >= self.nloads * 3 // 4:
                         break  # the rest of the buffers are for faults
                     q = h.restore(lo, hi, max(1, self.nloads * 3 // 4))
                     if q < 0:
