@@ -23,12 +23,29 @@ from uffdsrv.core.pages import PAGE
 
 from ..conftest import Server, Workload, uffdsrv, wait_client
 from ..support import wait_until
-from .test_disk_errors import died, faulty, faultyfs_bin, filled, metric, start_server, stopped
+from .test_disk_errors import died, faulty, faultyfs_bin, filled, metric, stopped
+from .test_disk_errors import start_server as disk_server
 from .test_zap_safety import Paused, consistent
 
 MIB = 1 << 20
 __all__ = ["faulty", "faultyfs_bin"]  # fixtures, used by name
 CLOSED_FD = re.compile(r"EBADF|ESPIPE|Bad file descriptor|Illegal seek")
+
+
+def start_server(tmp, fs, env=None):
+    """test_disk_errors.start_server, with the server's environment."""
+    if not env:
+        return disk_server(tmp, fs)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the server process inherits it at start
+    try:
+        return disk_server(tmp, fs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def plain_metric(port: int, name: str) -> float:
@@ -49,7 +66,7 @@ def test_a_stop_during_failing_reads_reads_no_closed_fd_and_leaves_every_page(fa
     while their tries are spaced out on timers. None of those timers may
     read after the swap file is closed, and no fault may end in SIGBUS:
     the program waits, and the next server serves every page right."""
-    s, port = start_server(tmp_path, faulty)
+    s, port = start_server(tmp_path, faulty, env={"UFFDSRV_READ_RETRY_SECONDS": "5"})
     w = None
     try:
         w = filled(s, 4, threads=4)
@@ -57,8 +74,9 @@ def test_a_stop_during_failing_reads_reads_no_closed_fd_and_leaves_every_page(fa
         faulty.set("read all all")
         w.proc.stdin.write("verify\n")
         w.proc.stdin.flush()
-        wait_until(lambda: "; trying again" in s.log_text(), message=s.log_text)
-        time.sleep(0.05)  # the second tries are due in 0.1-0.2 s: on timers now
+        # the first tries failed; the next are on timers (5 s here, so that
+        # they are still due when the stop comes, however slow this machine)
+        wait_until(lambda: s.log_text().count("; trying again") >= 4, message=s.log_text)
         log = stopped(s, timeout=20)
         assert not CLOSED_FD.search(log), log
         assert "cannot be read" not in log, log  # no SIGBUS for a program left registered

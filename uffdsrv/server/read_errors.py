@@ -34,6 +34,7 @@ held back is said in one summary line per period.
 """
 import errno
 import logging
+import os
 
 from ..core.pages import PAGE
 from ..core.ratelimit import LogLimit
@@ -43,6 +44,9 @@ from .managed import ManagedProcess
 
 log = logging.getLogger("uffdsrv.faults")
 SWAP_READ_TRIES = 3  # reads of an unreadable slot before its fault ends in SIGBUS
+# try k+1 of a fault comes k * this many seconds after try k failed
+# (UFFDSRV_READ_RETRY_SECONDS: a test makes the tries outlast a stop)
+RETRY_SECONDS = float(os.environ.get("UFFDSRV_READ_RETRY_SECONDS", "") or 0.1)
 LOG_BURST, LOG_PERIOD = 50, 10.0  # lines of one kind let through per period
 # what a held-back line of each kind was about, for the summary
 KINDS = {"retry": "failed reads tried again", "lost": "pages ended in SIGBUS",
@@ -94,7 +98,7 @@ class ReadErrors:
             self._say("retry", "swap read of %d pages for %#x of pid %s: %s; trying again",
                       npages, addr, client.pid, why)
             self._due.setdefault(id(client), set()).add(addr)
-            self.later(0.1 * tries, self._refault, client, addr, npages, tid)
+            self.later(RETRY_SECONDS * tries, self._refault, client, addr, npages, tid)
             return
         self._say("lost", "pid %s: the swap slot of page %#x cannot be read (%s, %d tries): the "
                   "program gets SIGBUS there, as from the kernel's swap", client.pid, addr, why,
@@ -106,7 +110,7 @@ class ReadErrors:
         except OSError as e:
             log.error("pid %s: cannot end the fault at %#x: %s", client.pid, addr, e)
         if npages > 1:  # who waits on a page read ahead faults again, known then
-            self.later(0.1, self._wake, client, addr + PAGE, npages - 1)
+            self.later(RETRY_SECONDS, self._wake, client, addr + PAGE, npages - 1)
 
     def _refault(self, client: ManagedProcess, start: int, npages: int, tid: int) -> None:
         """Pages of a swap-in that were not put back: serve the first now, for
