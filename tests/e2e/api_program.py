@@ -50,8 +50,11 @@ for line in sys.stdin:
         gens = [gen] * npages
         print("ok", n, flush=True)
     elif cmd == "unregister":
-        client.unregister(buf)
-        print("ok", flush=True)
+        try:
+            client.unregister(buf)
+            print("ok", flush=True)
+        except OSError as e:  # the server refused: the buffer stays managed
+            print("error", e.errno, flush=True)
     elif cmd == "exit":
         print("bye", flush=True)
         break

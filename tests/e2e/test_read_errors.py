@@ -303,3 +303,39 @@ def test_log_lines_of_a_kind_are_limited_and_the_rest_summed_up(caplog):
         e._say("left", "again")
         e.close()
         assert caplog.records[-1].getMessage() == "again"  # nothing held back since
+
+
+def test_an_unregister_on_an_unreadable_disk_keeps_the_range_managed(faulty, tmp_path):
+    """The program's UNREGISTER puts its pages back first; a page whose slot
+    cannot be read stays swapped, and unregistered it would read as zeros.
+    So the request is refused and the range stays managed; once the disk
+    reads again, every page comes back."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    s, _ = start_server(tmp_path, faulty)
+    prog = subprocess.Popen([sys.executable, str(Path(__file__).with_name("api_program.py")),
+                             s.socket, "1024"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+
+    def ask(line):
+        prog.stdin.write(line + "\n")
+        prog.stdin.flush()
+        return prog.stdout.readline().split()
+    try:
+        ready = prog.stdout.readline().split()
+        assert ready[0] == "ready", ready
+        pid = int(ready[1])
+        wait_client(s, pid)
+        assert s.reclaim(pid) >= 3 * MIB
+        faulty.set("read all all")
+        answer = ask("unregister")
+        assert answer[0] == "error", (answer, s.log_text())
+        assert s.client(pid)["managed_bytes"] == 4 * MIB
+        faulty.set("ok")
+        assert ask("verify") == ["ok", "0"], s.log_text()
+    finally:
+        faulty.set("ok")
+        prog.kill()
+        prog.wait()
+        stopped(s)

@@ -3,7 +3,7 @@ REMAP, FORK, exit), with exact states and slot reference counts."""
 import numpy as np
 import pytest
 
-from uffdsrv.core.pages import EMPTY, PAGE, RESIDENT, SWAPPED, PageMap
+from uffdsrv.core.pages import EMPTY, INFLIGHT, LOADING, PAGE, RESIDENT, SWAPPED, PageMap
 from uffdsrv.core.slots import Slots
 
 from ..support import A, region, states
@@ -32,6 +32,18 @@ def test_add_find_overlapping_gaps():
     assert pm.gaps(0, A + 30 * PAGE) == [(0, A), (A + 4 * PAGE, A + 16 * PAGE),
                                           (A + 20 * PAGE, A + 30 * PAGE)]
     assert pm.gaps(A + PAGE, A + 3 * PAGE) == []
+
+
+def test_not_present_counts_what_an_unregister_would_turn_into_zeros():
+    pm = PageMap()
+    a = pm.add(A, A + 6 * PAGE, present=np.ones(6, dtype=bool))
+    b = pm.add(A + 8 * PAGE, A + 10 * PAGE)
+    a.state[1], a.state[3], a.state[4] = SWAPPED, LOADING, INFLIGHT
+    b.state[1] = SWAPPED
+    assert pm.not_present(A, A + 10 * PAGE) == 4
+    assert pm.not_present(A, A + PAGE) == 0  # resident
+    assert pm.not_present(A + 2 * PAGE, A + 4 * PAGE) == 1  # loading only
+    assert pm.not_present(A + 5 * PAGE, A + 9 * PAGE) == 0  # resident, a gap, empty
 
 
 @pytest.mark.parametrize("lo, hi", [(0, 1), (3, 4), (-1, 1), (2, 8), (-2, 10)])

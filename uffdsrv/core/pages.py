@@ -150,6 +150,14 @@ class PageMap:
     def count(self, state: int) -> int:
         return sum(int(np.count_nonzero(r.state == state)) for r in self.regions)
 
+    def not_present(self, start: int, end: int) -> int:
+        """Pages of [start, end) whose bytes are not (only) in the program:
+        swapped, loading, or in a batch whose zap may still run. A range
+        with any must stay registered: unregistered, they read as zeros."""
+        return sum(int(np.count_nonzero((r.state[lo:hi] == SWAPPED) | (r.state[lo:hi] == LOADING)
+                                        | (r.state[lo:hi] == INFLIGHT)))
+                   for r, lo, hi in self.overlapping(start, end))
+
     @property
     def managed_pages(self) -> int:
         return sum(r.npages for r in self.regions)

@@ -6,6 +6,7 @@ constructor; none holds the server.
   managed.py       a managed process (its uffd, page map, agent link) and
                    the registry of all of them
   faults.py        where a fault is served: uffd events, zero pages, swap-ins
+  read_errors.py   a swap read that failed: tries again, SIGBUS, the log limit
   reclaim.py       where a page is reclaimed: protect, copy out, write, zap
   regions.py       which memory of a process is managed
   budget_loop.py   holding each process to its budget; write tracking
@@ -18,6 +19,8 @@ constructor; none holds the server.
   zaps.py          waiting for zap answers; what a stop leaves registered
   requests.py      status, reclaim and limit requests
   journal_file.py  the journal on disk (its records: core/journal.py)
+  compaction.py    when the journal may be rewritten as a snapshot
+  limits.py        open files and the largest mapping managed
   swap.py          the swap file and the I/O staging buffers
   metrics.py       Prometheus metrics
 """

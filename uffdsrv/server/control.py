@@ -206,8 +206,7 @@ class Connection:
         self.privileged = access.privileged(self.uid, control.server_uid)
 
     def peer_gone(self) -> bool:
-        """Has the process that connected exited? Its pid may name another
-        process by now."""
+        """Has the process that connected exited (its pid may be another's now)?"""
         return self.pidfd is None or peer.exited(self.pidfd)
 
     def forget_peer(self) -> None:
@@ -379,8 +378,9 @@ class Connection:
             reply = protocol.pack(protocol.OK, seq)
         except LookupError:
             reply = protocol.pack(protocol.OK, seq)  # gone meanwhile: nothing to bring back
-        except Exception as e:
-            log.exception("pid %s: restore failed", self.pid)
+        except Exception as e:  # OSError: pages that cannot be read back, not a bug
+            bug = not isinstance(e, OSError)
+            log.log(40 if bug else 30, "pid %s: restore failed: %s", self.pid, e, exc_info=bug)
             reply = protocol.pack_error(seq, getattr(e, "errno", None) or errno.EIO, str(e))
         if not self.closed:
             self.send(reply)

@@ -134,6 +134,13 @@ class Regions:
         await self.restore(client, start, end)
         if client.closed:
             return
+        left = client.pages.not_present(start, end)
+        if left:
+            # an unreadable slot stays swapped (read_errors.py), a held
+            # batch's zap may still run: unregistered, they would be zeros
+            raise OSError(errno.EIO, f"pid {client.pid}: {left} pages of {start:#x}-{end:#x} "
+                          "are not back (unreadable swap, or a zap unanswered); "
+                          "the range stays managed")
         for r, lo, hi in client.pages.overlapping(start, end):
             try:
                 uffd.unregister(client.uffd, r.start + lo * PAGE, (hi - lo) * PAGE)
@@ -154,7 +161,10 @@ class Regions:
                 continue
             log.info("pid %s: %#x-%#x is locked in memory (mlock): no longer managed",
                      client.pid, s, e)
-            await self._let_go(client, s, e)
+            try:
+                await self._let_go(client, s, e)
+            except OSError as err:
+                log.warning("%s; tried again at the next rescan", err.strerror)
             if client.closed:
                 return
 
