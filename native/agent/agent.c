@@ -830,6 +830,19 @@ static void handle_zap(struct agent *st, size_t n, int trunc) {
         goto reply;
     }
     gated = 1;
+    /* A zap can wait in the kernel for as long as nobody reads its REMOVE
+     * (the server stopped and left the program registered for the next
+     * one), and only a fatal signal ends that wait. If the program dies
+     * meanwhile, nothing in user space would end us, and we would keep its
+     * whole mm alive: so for the zap only, the program's death kills us.
+     * (The death signal follows the thread that cloned us: a main thread
+     * that pthread_exit()s during a zap ends the helper too; the server
+     * still holds the uffd, and the batch waits for an agent.) */
+    RS(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0, 0);
+    if (r_getppid() != st->program) { /* it died before the line above */
+        err = ESRCH;
+        goto reply;
+    }
 
     if (z->flags & UFS_ZAP_MADVISE) {
         for (uint32_t i = 0; i < count; i++) {
@@ -886,6 +899,7 @@ static void handle_zap(struct agent *st, size_t n, int trunc) {
 
 reply:
     if (gated) {
+        RS(SYS_prctl, PR_SET_PDEATHSIG, 0, 0, 0, 0, 0);
         if (total) atomic_fetch_add(&st->zaps_seen, 1);
         atomic_store(&st->zap_gate, GATE_OPEN);
     }

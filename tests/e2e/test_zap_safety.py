@@ -343,3 +343,48 @@ def test_stopped_programs_neither_stall_others_nor_hang_their_requests(need_kern
             w.close()
         if s.poll() is None:
             s.kill()
+
+
+def test_a_program_killed_while_its_late_zap_waits_leaves_no_helper_behind(need_kernel,
+                                                                             tmp_path):
+    """The server stops with a zap queued in a frozen program and leaves it
+    registered; thawed, the program's zap waits in the kernel for a REMOVE
+    nobody reads. If the program is then killed, its zap helper must end
+    too: stuck in that wait it would keep the program's whole memory alive
+    for ever (only a fatal signal ends the wait)."""
+    s = Server(tmp_path).start()
+    w = Workload(s.socket, mib=16, threads=1)
+    frozen = helper = None
+    try:
+        wait_client(s, w.pid)
+        w.cmd("fill 1")
+        wait_until(lambda: s.client(w.pid)["managed_bytes"] >= 16 * MIB)
+        helper = zapper(w)
+        frozen = Paused(w)
+        frozen.pause()
+        t, _ = reclaim_in_background(s, w.pid)
+        wait_until(lambda: zap_sent(s), message="no zap of the stopped program went out")
+        assert s.stop() == 0, s.log_text()
+        assert f"pid {w.pid} did not answer its zap; left registered" in s.log_text()
+        frozen.resume()
+        t.join(30)
+        # the zap is in the kernel now, waiting on its REMOVE
+        wait_until(lambda: Path(f"/proc/{helper}/wchan").read_text().startswith("userfaultfd"),
+                   timeout=10, message="the helper never began its zap")
+        w.proc.kill()
+        w.proc.wait(10)
+        wait_until(lambda: not Path(f"/proc/{helper}").exists()
+                   or Path(f"/proc/{helper}/stat").read_text().split()[2] == "Z", timeout=10,
+                   message=lambda: f"helper {helper} outlives its program: "
+                   f"{Path(f'/proc/{helper}/stat').read_text()}")
+    finally:
+        if frozen is not None:
+            frozen.remove()
+        if helper is not None and Path(f"/proc/{helper}").exists():
+            try:
+                os.kill(helper, signal.SIGKILL)  # our own test's program's helper
+            except OSError:
+                pass
+        w.close()
+        if s.poll() is None:
+            s.kill()
