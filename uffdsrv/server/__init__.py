@@ -21,6 +21,7 @@ constructor; none holds the server.
   journal_file.py  the journal on disk (its records: core/journal.py)
   compaction.py    when the journal may be rewritten as a snapshot
   limits.py        open files and the largest mapping managed
-  swap.py          the swap file and the I/O staging buffers
+  swap.py          the swap file and its RAM tier
+  buffers.py       the I/O staging buffers
   metrics.py       Prometheus metrics
 """

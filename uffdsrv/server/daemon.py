@@ -30,6 +30,7 @@ from ..system import engine as eng
 from ..system import kernel, proc, procfs, uffd
 from ..system.ring import Ring
 from .budget_loop import BudgetLoop
+from .buffers import Pool
 from .compaction import compact, compact_forever
 from .control import ControlSocket, Handlers
 from .faults import FaultPath
@@ -41,7 +42,7 @@ from .metrics import Metrics
 from .reclaim import BATCH_PAGES, ReclaimPath
 from .regions import Regions
 from .requests import Requests
-from .swap import Pool, SwapError, SwapFile
+from .swap import SwapError, SwapFile
 from .takeover import Takeover
 from .zaps import must_stay, put_back, wait_for_zaps, zap_outstanding
 
@@ -97,7 +98,8 @@ class Server:
                                self.faults.restore, self.max_region)
         self.reclaimer = ReclaimPath(
             loop, self.ring, self.swap, self.journal, self.metrics,
-            Pool(self.ring.arena_addr, 0, BATCH_PAGES, RECLAIM_BUFFERS), self.executor,
+            Pool(self.ring.arena_addr, 0, BATCH_PAGES, RECLAIM_BUFFERS, self.ring.discard),
+            self.executor,
             self.policy, self.zap_flags, self.regions.rescan, self._serve_held)
         self.takeover = Takeover(self.journal, self.swap, self.clients, self._adopt,
                                  self.ring.harvest, self.reclaimer.settle)

@@ -49,7 +49,7 @@ class NoAgent(Exception):
 class ReclaimPath:
     def __init__(self, loop, ring, swap, journal_file, metrics, buffers, executor,
                  policy_name: str, zap_flags: int, rescan, serve_held):
-        """buffers: the staging pool (swap.Pool) a batch copies out into;
+        """buffers: the staging pool (buffers.Pool) a batch copies out into;
         executor: the threads process_vm_readv runs on; rescan(client):
         manage what the program mapped since; serve_held(client, addrs):
         serve the faults a settled batch held (the fault path)."""

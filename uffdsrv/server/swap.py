@@ -38,7 +38,6 @@ entry is valid only if stored after the last write of its slot: a store
 drops its slots first, and a slot whose count goes to 0 loses its entry
 (the engine drops what it frees, TierSlots what Python frees), else a
 reused slot whose new page is not stored would serve the old bytes."""
-import asyncio
 import errno
 import logging
 import os
@@ -370,30 +369,3 @@ class SwapFile:
         os.close(self.fd)
         self._scratch.close()
 
-
-class Pool:
-    """Fixed-size buffers carved out of the ring arena. The fault path takes
-    one without waiting (try_acquire); reclaim waits for one (acquire)."""
-
-    def __init__(self, base_addr: int, offset: int, pages_each: int, count: int):
-        self.pages_each = pages_each
-        self._free = [base_addr + offset + i * pages_each * PAGE for i in range(count)]
-        self._waiters: list[asyncio.Future] = []
-
-    async def acquire(self) -> int:
-        while not self._free:
-            fut = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
-            await fut
-        return self._free.pop()
-
-    def try_acquire(self) -> int | None:
-        return self._free.pop() if self._free else None
-
-    def release(self, addr: int) -> None:
-        self._free.append(addr)
-        while self._waiters:
-            fut = self._waiters.pop(0)
-            if not fut.done():
-                fut.set_result(None)
-                break
