@@ -13,15 +13,28 @@ EINVAL), so reclaiming it would write pages to swap for nothing, on every
 pass. A managed range that becomes locked is let go at the next rescan
 (every second, and before each reclaim) once no batch holds a page of it;
 one unlocked again is managed again by the rescan of a `run` program.
+
+A mapping larger than SPARSE_BYTES (core/sparse.py; UFFDSRV_SPARSE_BYTES
+for tests) is managed in chunks where the kernel has PAGEMAP_SCAN: the
+scan (in an executor thread) finds its present extents, and only the
+2 MiB chunks around them are registered and get a page map; memory never
+touched costs nothing. Each rescan scans again and manages the chunks that
+became present since. Registering chunks splits the VMA, so maps lists
+the pieces: adjacent pieces are joined again before the size is judged.
+Without PAGEMAP_SCAN such a mapping is managed whole, as any other.
 """
 import asyncio
 import errno
 import logging
+import os
+import time
 
-from ..core import journal, maps
+import numpy as np
+
+from ..core import journal, maps, sparse
 from ..core.pages import PAGE
 from ..core.policy import now_ms
-from ..system import proc, procfs, uffd
+from ..system import kernel, pagemap, proc, procfs, uffd
 from .journal_file import JournalFile
 from .managed import ManagedProcess, Registry
 
@@ -40,6 +53,13 @@ class Regions:
         self.min_region = min_region
         self.max_region = max_region
         self.restore = restore
+        self.sparse_bytes = int(os.environ.get("UFFDSRV_SPARSE_BYTES", sparse.SPARSE_BYTES))
+
+    @property
+    def scan(self) -> bool:
+        """PAGEMAP_SCAN, as the start-up probe found it (asked lazily: the
+        daemon probes first, with its swap file's directory)."""
+        return kernel.current().features.get("pagemap_scan", False)
 
     async def rescan(self, client: ManagedProcess) -> None:
         """Let go of what the process locked; manage the eligible mappings
@@ -64,9 +84,76 @@ class Regions:
                 log.warning("pid %s: not managing %#x-%#x: %d GiB is more than --max-region "
                             "(%d GiB); reserved address space, not memory", client.pid, start,
                             end, (end - start) >> 30, self.max_region >> 30)
-        for start, end in found:
+        for start, end in self._sparse_runs(found):
+            if end - start > self.sparse_bytes:
+                await self._manage_sparse(client, start, end)
+                if client.closed:
+                    return
+                continue
             for s, e in client.pages.gaps(start, end):
                 self.manage(client, s, e)
+
+    def _sparse_runs(self, found):
+        """The eligible mappings, with the pieces our own chunks split a
+        mapping into joined again (only where PAGEMAP_SCAN can serve a
+        joined run larger than the sparse threshold)."""
+        if not self.scan:
+            return found
+        out = []
+        for s, e in sparse.runs(found):
+            if e - s > self.sparse_bytes:
+                out.append((s, e))
+            else:
+                out.extend(m for m in found if s <= m[0] and m[1] <= e)
+        return out
+
+    async def _manage_sparse(self, client: ManagedProcess, start: int, end: int) -> None:
+        """Manage the chunks of [start, end) that hold data, and keep the ones
+        already managed (their reclaimed pages are not present, so the scan
+        does not see them)."""
+        loop = asyncio.get_running_loop()
+        try:
+            extents = await loop.run_in_executor(None, pagemap.present_extents,
+                                                 client.pid, start, end)
+        except OSError as e:
+            if e.errno not in (errno.ESRCH, errno.ENOENT) and (start, end) not in client.skipped:
+                client.skipped.add((start, end))
+                log.warning("pid %s: cannot scan %#x-%#x: %s", client.pid, start, end, e)
+            return
+        if client.closed:
+            return
+        t0 = time.monotonic()
+        busy = 0.0  # the loop's time, measured: what other clients' faults wait
+        managed = [(r.start + lo * PAGE, r.start + hi * PAGE)
+                   for r, lo, hi in client.pages.overlapping(start, end)]
+        both = np.concatenate([extents, np.asarray(managed, dtype=np.uint64).reshape(-1, 2)])
+        chunks = sparse.chunks(both, start, end)
+        if not any(client.pages.gaps(s, e) for s, e in chunks):
+            return
+        longest = 0.0
+        for s, e in chunks:
+            # gaps read afresh after each yield: a rescan at HELLO may run
+            # beside this one (it holds no lock)
+            for gs, ge in client.pages.gaps(s, e):
+                self.manage(client, gs, ge, flush=False)
+            if time.monotonic() - t0 > 0.002:
+                # a few ms of the loop at a time: others' faults wait on it
+                self.journal.flush()
+                busy += time.monotonic() - t0
+                longest = max(longest, time.monotonic() - t0)
+                await asyncio.sleep(0)
+                t0 = time.monotonic()
+                if client.closed:
+                    return
+        self.journal.flush()
+        held = sum(int(e - s) for s, e in extents)
+        busy += time.monotonic() - t0
+        log.debug("pid %s: %#x-%#x: %d chunks; %.1f ms on the loop, at most %.1f ms at a time",
+                  client.pid, start, end, len(chunks), busy * 1e3,
+                  max(longest, time.monotonic() - t0) * 1e3)
+        if not managed:
+            log.info("pid %s: %#x-%#x is %s, %s present: managing it in %d chunks", client.pid,
+                     start, end, _size(end - start), _size(held), len(chunks))
 
     async def rescan_forever(self, interval: float = 1.0) -> None:
         """Programs map new memory as they run: manage it as it appears.
@@ -83,7 +170,7 @@ class Regions:
                     except Exception:
                         log.exception("pid %s: rescan of its mappings failed", c.pid)
 
-    def manage(self, client: ManagedProcess, start: int, end: int) -> None:
+    def manage(self, client: ManagedProcess, start: int, end: int, flush: bool = True) -> None:
         try:
             uffd.register(client.uffd, start, end - start, REGISTER_MODE)
             present = proc.pagemap_present(client.pid, start, (end - start) // PAGE)
@@ -98,7 +185,8 @@ class Regions:
             return
         client.pages.add(start, end, present, now_ms())
         self.journal.add(journal.REGION, client.cid, start, end)
-        self.journal.flush()
+        if flush:
+            self.journal.flush()
 
     async def api_region(self, pid: int, start: int, end: int, register: bool) -> None:
         """REGISTER or UNREGISTER from the explicit API."""
@@ -181,3 +269,10 @@ class Regions:
                 uffd.unregister(client.uffd, start, length)
             except OSError:
                 pass
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.3g} {unit}"
+    return f"{n} B"
