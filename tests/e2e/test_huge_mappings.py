@@ -13,7 +13,7 @@ import pytest
 from uffdsrv import ctl
 from uffdsrv.system import kernel
 
-from ..conftest import ROOT, wait_client
+from ..conftest import ROOT, Server, wait_client
 from ..support import wait_until
 
 MIB = 1 << 20
@@ -218,3 +218,40 @@ def test_a_sparse_16_gib_mapping_costs_what_it_uses(server):
         done.set()
         p.kill()
         p.wait()
+
+
+def test_without_pagemap_scan_a_large_mapping_is_managed_whole(need_kernel, tmp_path):
+    """The fallback: a kernel without PAGEMAP_SCAN (hidden here) keeps the
+    whole mapping managed, as before chunks existed; a 2 GiB one costs a
+    page map of 512k pages, within bounds."""
+    s = Server(tmp_path)
+    s.env["UFFDSRV_KERNEL_HIDE"] = "pagemap_scan"
+    s.start()
+    program = r"""
+import mmap, sys, ctypes
+huge = mmap.mmap(-1, 2 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x4000)
+for off in range(0, 2 << 30, 64 << 20):
+    huge[off:off + 8] = off.to_bytes(8, "little")
+print("ready", ctypes.addressof(ctypes.c_char.from_buffer(huge)), flush=True)
+sys.stdin.readline()
+print("bad", sum(huge[o:o + 8] != o.to_bytes(8, "little") for o in range(0, 2 << 30, 64 << 20)),
+      flush=True)
+"""
+    p = subprocess.Popen([sys.executable, "-m", "uffdsrv", "run", "--socket", s.socket,
+                          "--", sys.executable, "-c", program], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        word, base = p.stdout.readline().split()
+        assert word == "ready"
+        base = int(base)
+        wait_until(lambda: registered(p.pid, base, base + (2 << 30)) == [(base, base + (2 << 30))],
+                   timeout=15, message="the 2 GiB mapping is not registered whole")
+        assert "chunks" not in s.log_text()
+        assert s.reclaim(p.pid) >= 32 * 4096
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.stdout.readline().split() == ["bad", "0"]
+    finally:
+        p.kill()
+        p.wait()
+        assert s.stop() == 0

@@ -85,7 +85,7 @@ class Regions:
                             "(%d GiB); reserved address space, not memory", client.pid, start,
                             end, (end - start) >> 30, self.max_region >> 30)
         for start, end in self._sparse_runs(found):
-            if end - start > self.sparse_bytes:
+            if self.scan and end - start > self.sparse_bytes:
                 await self._manage_sparse(client, start, end)
                 if client.closed:
                     return
