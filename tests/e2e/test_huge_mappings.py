@@ -255,3 +255,46 @@ print("bad", sum(huge[o:o + 8] != o.to_bytes(8, "little") for o in range(0, 2 <<
         p.kill()
         p.wait()
         assert s.stop() == 0
+
+
+def test_a_new_server_takes_the_chunks_over_after_a_crash(need_kernel, tmp_path):
+    """kill -9 with the chunks reclaimed: the journal holds each chunk as a
+    region; the next server serves them and goes on managing new ones."""
+    if not kernel.current().features["pagemap_scan"]:
+        pytest.skip("the kernel has no PAGEMAP_SCAN (6.7+): the mapping is managed whole")
+    s = Server(tmp_path).start()
+    p = subprocess.Popen([sys.executable, "-m", "uffdsrv", "run", "--socket", s.socket,
+                          "--", sys.executable, "-c", SPARSE_PROGRAM], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        word, base, offs = p.stdout.readline().split()
+        base, offs = int(base), [int(o) for o in offs.split(",")]
+        wait_until(lambda: all(covered(registered(p.pid, base, base + HUGE), base + o,
+                                       base + o + SPOT) for o in offs), timeout=15,
+                   message="the touched spots of the huge mapping are not all registered")
+        assert s.reclaim(p.pid) >= SPOTS * SPOT
+        assert sum(present_pages(p.pid, base + o, SPOT // 4096) for o in offs) == 0
+        s.proc.kill()
+        s.proc.wait()
+        s = Server(tmp_path).start()
+        wait_until(lambda: "took over" in s.log_text(), timeout=15, message="no takeover")
+        p.stdin.write("check\n")
+        p.stdin.flush()
+        assert p.stdout.readline().split() == ["bad", "0"]
+        p.stdin.write("more\n")
+        p.stdin.flush()
+        more = [int(o) for o in p.stdout.readline().split()[1].split(",")]
+        wait_until(lambda: all(covered(registered(p.pid, base, base + HUGE), base + o,
+                                       base + o + SPOT) for o in more), timeout=15,
+                   message="the new server does not manage spots touched after the crash")
+        assert s.reclaim(p.pid) >= 2 * SPOTS * SPOT
+        assert sum(present_pages(p.pid, base + o, SPOT // 4096) for o in more + offs) == 0
+        p.stdin.write("check\n")
+        p.stdin.flush()
+        assert p.stdout.readline().split() == ["bad", "0"]
+        assert sum(e - s_ for s_, e in registered(p.pid, base, base + HUGE)) < 1 << 30
+    finally:
+        p.kill()
+        p.wait()
+        assert s.stop() == 0
+        assert "Traceback" not in s.log_text(), s.log_text()
