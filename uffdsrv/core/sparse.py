@@ -5,8 +5,9 @@ of 4M pages (~80 MB at ~19 bytes a page) and a pagemap read of every
 page, though almost none of it is memory. Where the kernel has
 PAGEMAP_SCAN (6.7+), the server asks it for the present extents only,
 rounds them out to CHUNK-aligned chunks (a 2 MiB chunk costs ~10 KB of
-page map, and a page touched next to a present one is likely in the same
-chunk), merges neighbours, and manages just those chunks.
+page map, a page touched next to a present one is likely in the same
+chunk, and a VMA split on a 2 MiB boundary splits no transparent huge
+page), merges neighbours, and manages just those chunks.
 
 Registering a sub-range splits the VMA in two or three: each chunk costs
 up to two VMAs against the process's vm.max_map_count (65530 by default),

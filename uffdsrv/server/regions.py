@@ -146,7 +146,7 @@ class Regions:
                 if client.closed:
                     return
         self.journal.flush()
-        held = sum(int(e - s) for s, e in extents)
+        held = int((extents[:, 1] - extents[:, 0]).sum())
         busy += time.monotonic() - t0
         log.debug("pid %s: %#x-%#x: %d chunks; %.1f ms on the loop, at most %.1f ms at a time",
                   client.pid, start, end, len(chunks), busy * 1e3,
