@@ -21,7 +21,6 @@ Hostile peers (tests/e2e/test_hostile.py fuzzes all of this):
 * how large: a reply bigger than one message (status of hundreds of
   clients) goes as several CTL_REPLY of one seq (core/replies.py); a
   request that fails in any way is answered ERROR, never left waiting."""
-import array
 import asyncio
 import errno
 import logging
@@ -228,9 +227,10 @@ class Connection:
             self.handlers.agent_lost(self.client, self)
         sockets.linger(self.control.loop, self.sock)
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, fd: int | None = None) -> None:
+        """A peer gone meanwhile (a fork child that exited at once) is closed."""
         try:
-            self.sock.send(data)
+            self.sock.sendmsg([data], [] if fd is None else sockets.rights([fd]))
         except OSError as e:
             log.debug("send to pid %s: %s", self.pid, e)
             self.close()
@@ -309,8 +309,7 @@ class Connection:
             if forked:
                 # the child keeps a copy of its uffd, as every agent does, so
                 # a server crash cannot unregister its memory
-                self.sock.sendmsg([ok], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                          array.array("i", [self.client.uffd]))])
+                self.send(ok, self.client.uffd)
                 return fds
             self.send(ok)
             return fds[1:] if kept else fds

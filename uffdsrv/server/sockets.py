@@ -93,3 +93,8 @@ def linger(loop: asyncio.AbstractEventLoop, sock: socket.socket, seconds: float 
         sock.close()
         return
     timer = loop.call_later(seconds, drain, True)
+
+
+def rights(fds: list[int]) -> list[tuple]:
+    """The ancillary data that passes fds (SCM_RIGHTS) with a message."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
