@@ -137,14 +137,20 @@ class Workload:
     def __init__(self, socket: str, mib: int = 64, threads: int = 4, seed: int = 1,
                  managed: bool = True):
         cmd = [str(WORKLOAD), "--mib", str(mib), "--threads", str(threads), "--seed", str(seed)]
-        if managed:
+        ready = self._spawn(socket if managed else None, cmd)
+        self.addr, self.npages = int(ready[1], 16), int(ready[2])
+
+    def _spawn(self, socket: str | None, cmd: list[str]) -> list[str]:
+        """Start cmd (under `uffdsrv run` if socket is given); -> the words
+        of its first line, which must begin with "ready"."""
+        if socket is not None:
             cmd = [PY, "-m", "uffdsrv", "run", "--socket", socket, "--", *cmd]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, cwd=ROOT)
         ready = self.proc.stdout.readline().split()
         assert ready and ready[0] == "ready", (ready, self.proc.stderr.read())
-        self.addr, self.npages = int(ready[1], 16), int(ready[2])
         self.pid = self.proc.pid
+        return ready
 
     def cmd(self, line: str) -> str:
         self.proc.stdin.write(line + "\n")

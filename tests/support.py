@@ -1,6 +1,7 @@
 """Helpers every kind of test shares, with nothing native or root behind
 them: a region built from a string of page states, the string read back,
 and one bounded wait."""
+import threading
 import time
 
 import numpy as np
@@ -66,3 +67,17 @@ def wait_until(cond, timeout: float = 10.0, message="condition not reached",
             text = message() if callable(message) else message
             raise AssertionError(f"{text} (within {timeout:g} s; last: {got!r})")
         time.sleep(interval)
+
+
+def background(fn):
+    """Run fn in a daemon thread; -> (thread, {"value" or "error": ...})."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # reported by the caller
+            out["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out

@@ -5,11 +5,10 @@ faults on reclaimed pages wait; nothing reads as zeros."""
 import random
 import signal
 import subprocess
-import threading
 import time
 
 from ..conftest import PY, ROOT, Server, Workload, wait_client
-from ..support import wait_until
+from ..support import background, wait_until
 
 MIB = 1 << 20
 
@@ -22,19 +21,6 @@ def kill9(s: Server) -> None:
 def restart(s: Server) -> Server:
     n = Server(s.dir)
     return n.start()
-
-
-def background(fn):
-    out = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # reported by the caller
-            out["error"] = e
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
 
 
 def test_faults_wait_for_the_next_server_and_read_exact_bytes(need_kernel, tmp_path):

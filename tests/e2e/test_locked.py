@@ -4,12 +4,11 @@
 only what its zap really dropped, swap usage matches the swapped pages,
 no zap fails, and every byte reads back. A range unlocked again is managed
 and reclaimed again."""
-import subprocess
 import textwrap
 
 import pytest
 
-from ..conftest import PY, ROOT, wait_client
+from ..conftest import PY, Workload, wait_client
 from ..support import wait_until
 
 MIB = 1 << 20
@@ -61,44 +60,15 @@ PROGRAM = textwrap.dedent("""
 """)
 
 
-class Locker:
+class Locker(Workload):
+    """The program above under the agent, spoken to as a Workload."""
+
     def __init__(self, server, tmp_path, mib: int, locked_from_start: str | None = None):
         prog = tmp_path / "locker.py"
         prog.write_text(PROGRAM)
         args = [PY, str(prog), str(mib)] + ([locked_from_start] if locked_from_start else [])
-        self.proc = subprocess.Popen(
-            [PY, "-m", "uffdsrv", "run", "--socket", server.socket, "--", *args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            cwd=ROOT)
-        ready = self.proc.stdout.readline().split()
-        assert ready and ready[0] == "ready", (ready, self.proc.stderr.read())
-        self.addr = int(ready[1], 16)
-        self.pid = self.proc.pid
+        self.addr = int(self._spawn(server.socket, args)[1], 16)
         self.npages = mib * MIB // 4096
-
-    def cmd(self, line: str) -> str:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        out = self.proc.stdout.readline().strip()
-        assert out, f"the program died on {line!r}: {self.proc.stderr.read()}"
-        return out
-
-    def verify(self) -> tuple[int, int]:
-        ok, n, bad = self.cmd("verify").split()
-        assert ok == "ok"
-        return int(n), int(bad)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture

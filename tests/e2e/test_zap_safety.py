@@ -10,7 +10,6 @@ request, and the batch settles when the answer comes. Every program here
 is let go (SIGCONT) and ended in a `finally`."""
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from uffdsrv.core import journal
 from uffdsrv.core.pages import PAGE
 
 from ..conftest import Server, Workload, wait_client
-from ..support import wait_until
+from ..support import background, wait_until
 
 MIB = 1 << 20
 
@@ -79,19 +78,6 @@ def children(pid: int) -> list[int]:
     for f in Path(f"/proc/{pid}/task").glob("*/children"):
         out += [int(c) for c in f.read_text().split()]
     return out
-
-
-def background(fn):
-    out = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # reported by the caller
-            out["error"] = e
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
 
 
 def reclaim_in_background(s: Server, pid: int, timeout: float = 120):
