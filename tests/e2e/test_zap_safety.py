@@ -119,6 +119,22 @@ def consistent(s: Server, w: Workload) -> bool:
             and st["swap"]["used_bytes"] == sum(c["swapped_bytes"] for c in st["clients"]))
 
 
+def stop_with_a_zap_queued(s: Server, w: Workload, frozen: Paused):
+    """Freeze w, reclaim it, and stop the server while the zap waits in w's
+    socket: the server must leave w registered, and say so. -> (the
+    reclaim's thread, seconds the stop took)."""
+    frozen.pause()
+    t, _ = reclaim_in_background(s, w.pid)
+    wait_until(lambda: zap_sent(s), message="no zap of the stopped program went out")
+    t0 = time.monotonic()
+    assert s.stop() == 0, s.log_text()
+    seconds = time.monotonic() - t0
+    log = s.log_text()
+    assert f"pid {w.pid} did not answer its zap; left registered" in log, log
+    assert "Traceback" not in log, log
+    return t, seconds
+
+
 def test_a_stop_while_a_zap_waits_in_a_stopped_program_loses_nothing(need_kernel, tmp_path):
     """Pause P; reclaim P; SIGTERM the server; resume P: the zap runs after
     the server is gone. The server left P registered, so the zap's REMOVEs
@@ -133,18 +149,10 @@ def test_a_stop_while_a_zap_waits_in_a_stopped_program_loses_nothing(need_kernel
         w.cmd("fill 1")
         wait_until(lambda: s.client(w.pid)["managed_bytes"] >= 32 * MIB)
         frozen = Paused(w)
-        frozen.pause()
-        t, _ = reclaim_in_background(s, w.pid)
-        wait_until(lambda: zap_sent(s), message="no zap of the stopped program went out")
-        t0 = time.monotonic()
-        assert s.stop() == 0, s.log_text()
-        stop_seconds = time.monotonic() - t0
+        t, stop_seconds = stop_with_a_zap_queued(s, w, frozen)
         # one or both of the pipelined batches sent their zap before the stop
         sent = swap_records(s) * PAGE
         assert sent >= 8 * MIB, sent
-        log = s.log_text()
-        assert f"pid {w.pid} did not answer its zap; left registered" in log, log
-        assert "Traceback" not in log, log
         frozen.resume()
         t.join(30)
         # no server: the zap's REMOVE waits, and so does any fault on it
@@ -347,11 +355,7 @@ def test_a_program_killed_while_its_late_zap_waits_leaves_no_helper_behind(need_
         wait_until(lambda: s.client(w.pid)["managed_bytes"] >= 16 * MIB)
         helper = zapper(w)
         frozen = Paused(w)
-        frozen.pause()
-        t, _ = reclaim_in_background(s, w.pid)
-        wait_until(lambda: zap_sent(s), message="no zap of the stopped program went out")
-        assert s.stop() == 0, s.log_text()
-        assert f"pid {w.pid} did not answer its zap; left registered" in s.log_text()
+        t, _ = stop_with_a_zap_queued(s, w, frozen)
         frozen.resume()
         t.join(30)
         # the zap is in the kernel now, waiting on its REMOVE
